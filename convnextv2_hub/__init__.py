@@ -1,0 +1,1 @@
+"""ConvNeXt V2 in Python: every variant and checkpoint, export, FCMAE and a reproduction trainer."""

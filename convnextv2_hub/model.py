@@ -1,0 +1,194 @@
+"""ConvNeXt V2 (Woo et al., CVPR 2023): one model class for classification, features, FCMAE and export.
+
+Module names and parameter shapes are the authors' (``downsample_layers``, ``stages``, ``dwconv``,
+``pwconv1``, ``grn.gamma`` (1, 1, 1, 4C), ``norm``, ``head``), so their checkpoints load as they are.
+
+``forward_features`` takes an optional FCMAE mask. Masked positions are kept at exactly zero through
+every block (zeroed after each spatial op and before GRN), which makes the dense computation equal to
+the sparse (submanifold) convolution of the paper, with GRN statistics per image.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.utils.checkpoint
+from torch import nn
+
+from .layers import GRN, DropPath, LayerNorm2d
+from .variants import get_variant
+
+
+class Block(nn.Module):
+    """dwconv 7x7 -> LN -> Linear C->4C -> GELU -> GRN -> Linear 4C->C, plus residual. No LayerScale."""
+
+    def __init__(self, dim: int, drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.grn = GRN(4 * dim)
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # keep: (N, 1, H, W), 1 at visible positions, 0 at masked ones (FCMAE); None = no mask.
+        shortcut = x
+        x = self.dwconv(x)
+        if keep is not None:
+            x = x * keep
+        x = x.permute(0, 2, 3, 1)  # NHWC: LN and both Linears act on the contiguous channel dim
+        x = self.act(self.pwconv1(self.norm(x)))
+        if keep is not None:
+            x = x * keep.permute(0, 2, 3, 1)  # GRN statistics over visible positions only
+        x = self.pwconv2(self.grn(x))
+        x = x.permute(0, 3, 1, 2)
+        if keep is not None:
+            x = x * keep
+        return shortcut + self.drop_path(x)
+
+
+class ConvNeXtV2(nn.Module):
+    """ConvNeXt V2: stem, four stages of Blocks, head (global average pool -> LayerNorm -> Linear).
+
+    ``features_only=True`` drops the head and makes ``forward`` return the maps of ``out_indices``.
+    """
+
+    def __init__(
+        self,
+        depths: Sequence[int] = (3, 3, 9, 3),
+        dims: Sequence[int] = (96, 192, 384, 768),
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        drop_path_rate: float = 0.0,
+        head_init_scale: float = 1.0,
+        features_only: bool = False,
+        out_indices: Sequence[int] = (0, 1, 2, 3),
+    ) -> None:
+        super().__init__()
+        if len(depths) != 4 or len(dims) != 4:
+            raise ValueError(f"depths and dims need 4 entries each, got {list(depths)} and {list(dims)}")
+        if features_only and any(i not in range(4) for i in out_indices):
+            raise ValueError(f"out_indices must be stage indices 0..3, got {list(out_indices)}")
+        self.depths = tuple(depths)
+        self.dims = tuple(dims)
+        self.num_classes = num_classes
+        self.num_features = dims[-1]
+        self.features_only = features_only
+        self.out_indices = tuple(out_indices)
+        self.grad_checkpointing = False
+        self.feature_info: List[Dict[str, Union[int, str]]] = [
+            dict(num_chs=dims[i], reduction=4 * 2**i, module=f"stages.{i}") for i in range(4)
+        ]
+
+        self.downsample_layers = nn.ModuleList(
+            [nn.Sequential(nn.Conv2d(in_chans, dims[0], kernel_size=4, stride=4), LayerNorm2d(dims[0]))]
+        )
+        for i in range(3):
+            self.downsample_layers.append(
+                nn.Sequential(LayerNorm2d(dims[i]), nn.Conv2d(dims[i], dims[i + 1], kernel_size=2, stride=2))
+            )
+        n = sum(depths)  # drop path rises linearly 0 -> drop_path_rate over all blocks
+        rates = [drop_path_rate * j / (n - 1) if n > 1 else 0.0 for j in range(n)]
+        self.stages = nn.ModuleList()
+        for i, depth in enumerate(depths):
+            start = sum(depths[:i])
+            self.stages.append(nn.ModuleList([Block(dims[i], rates[start + j]) for j in range(depth)]))
+
+        if features_only:
+            self.norm: nn.Module = nn.Identity()
+            self.head: nn.Module = nn.Identity()
+        else:
+            self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
+            self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(_init_weights)
+        if isinstance(self.head, nn.Linear):
+            with torch.no_grad():
+                self.head.weight.mul_(head_init_scale)
+                self.head.bias.mul_(head_init_scale)
+
+    # --- timm-style API -------------------------------------------------------------------------
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass instead of storing its activations."""
+        self.grad_checkpointing = enable
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head by a freshly initialised ``Linear(num_features, num_classes)`` (0: no head)."""
+        if self.features_only:
+            raise ValueError("a features_only model has no classifier; create it with features_only=False")
+        self.num_classes = num_classes
+        head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        ref = self.norm.weight
+        self.head = head.to(device=ref.device, dtype=ref.dtype)
+        self.head.apply(_init_weights)
+
+    def forward_stages(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+        """Run stem and stages; return the output map of every stage (N, C_i, H/2^(i+2), W/2^(i+2))."""
+        outs: List[torch.Tensor] = []
+        for i, (down, stage) in enumerate(zip(self.downsample_layers, self.stages)):
+            x = down(x)
+            keep: Optional[torch.Tensor] = None
+            if mask is not None:
+                keep = _stage_keep(mask, 1 << (3 - i), x.dtype)
+                x = x * keep
+            for blk in stage:
+                if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
+                    x = torch.utils.checkpoint.checkpoint(blk, x, keep, use_reentrant=False)
+                else:
+                    x = blk(x, keep)
+            outs.append(x)
+        return outs
+
+    def forward_features(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Final-stage map before the head's norm, (N, C3, H/32, W/32).
+
+        ``mask``: (N, h, w) at the final-stage grid (h = H/32), 1 = masked (FCMAE); it is upsampled to
+        every stage and masked positions stay exactly 0 in the output.
+        """
+        return self.forward_stages(x, mask)[-1]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Global average pool -> LayerNorm -> Linear; ``pre_logits=True`` stops before the Linear."""
+        x = self.norm(x.mean(dim=(2, 3)))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
+        if self.features_only:
+            outs = self.forward_stages(x)
+            return [outs[i] for i in self.out_indices]
+        return self.forward_head(self.forward_features(x))
+
+
+def _stage_keep(mask: torch.Tensor, scale: int, dtype: torch.dtype) -> torch.Tensor:
+    """(N, h, w) mask with 1 = masked -> (N, 1, h*scale, w*scale) multiplier with 1 = visible."""
+    keep = 1.0 - mask.to(dtype)
+    if scale > 1:
+        keep = keep.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+    return keep.unsqueeze(1)
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, (nn.Conv2d, nn.Linear)):
+        nn.init.trunc_normal_(m.weight, std=0.02)  # cut-offs at +-2 (absolute), as timm's
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+def convnextv2(variant: str, **kwargs) -> ConvNeXtV2:
+    """Build an untrained ConvNeXt V2 of the named variant (atto ... huge); kwargs go to ConvNeXtV2."""
+    v = get_variant(variant)
+    model = ConvNeXtV2(depths=v.depths, dims=v.dims, **kwargs)
+    model.variant = v.name
+    return model
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["Block", "ConvNeXtV2", "convnextv2", "count_params"]
+
