@@ -17,7 +17,7 @@ import functools
 import json
 import re
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
@@ -74,6 +74,16 @@ class Checkpoint:
     # hf_transformers_id. Read-only so that one caller cannot change what the next one sees.
     meta: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
+    # A frozen entry is a value: copies share it, and pickling stores a plain dict for ``meta``
+    # (a MappingProxyType cannot be pickled), so models holding one can be deep-copied and saved.
+    def __deepcopy__(self, memo: Dict[int, Any]) -> "Checkpoint":
+        return self
+
+    def __reduce__(self) -> Tuple[Any, ...]:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["meta"] = dict(self.meta)
+        return (_rebuild_checkpoint, (values,))
+
     @property
     def timm_name(self) -> str:
         """The same checkpoint's timm model name (``convnextv2_<variant>.<tag>``)."""
@@ -94,6 +104,10 @@ class Checkpoint:
     def label_names(self) -> Optional[List[str]]:
         """ImageNet-1K class names for 1000-class heads; None for encoders (no head) and other heads."""
         return imagenet_class_names() if self.num_classes == 1000 else None
+
+
+def _rebuild_checkpoint(values: Dict[str, Any]) -> Checkpoint:
+    return Checkpoint(**{**values, "meta": types.MappingProxyType(dict(values["meta"]))})
 
 
 def _read_package_text(*parts: str) -> Optional[str]:
