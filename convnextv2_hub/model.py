@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
@@ -47,6 +48,26 @@ class Block(nn.Module):
         if keep is not None:
             x = x * keep
         return shortcut + self.drop_path(x)
+
+    def forward_sparse(self, rows: torch.Tensor, layout: "SparseLayout") -> torch.Tensor:
+        """The same block on the visible positions only (FCMAE sparse fast path; never scripted).
+
+        ``rows`` (V, C) holds the visible positions of the NHWC map in ``layout.idx`` order. The 7x7
+        depthwise conv runs dense on the map with zeros at masked positions (the submanifold conv:
+        masked neighbours contribute nothing, masked outputs are never read back); LayerNorm, both
+        Linears, GELU and GRN run on the V visible rows only.
+        """
+        n, h, w = layout.shape
+        c = rows.shape[1]
+        dense = rows.new_zeros(n * h * w, c).index_copy(0, layout.idx, rows)
+        # NHWC storage seen as NCHW: a channels_last map, the fastest CPU layout for depthwise conv.
+        x = self.dwconv(dense.view(n, h, w, c).permute(0, 3, 1, 2))
+        x = x.permute(0, 2, 3, 1).reshape(n * h * w, c).index_select(0, layout.idx)
+        x = self.act(self.pwconv1(self.norm(x)))
+        x = self.pwconv2(_grn_rows(self.grn, x, layout))
+        if self.training and isinstance(self.drop_path, DropPath) and self.drop_path.drop_prob > 0.0:
+            x = layout.per_image(x, self.drop_path)
+        return rows + x
 
 
 class ConvNeXtV2(nn.Module):
@@ -151,6 +172,47 @@ class ConvNeXtV2(nn.Module):
         """
         return self.forward_stages(x, mask)[-1]
 
+    def forward_features_sparse(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``forward_features(x, mask)`` computed on the visible positions only (FCMAE fast path).
+
+        Equal to the dense-masked path up to float summation order. Every per-position op (both
+        LayerNorms, the Linears, GELU, GRN scaling, residual, drop path) runs on the gathered visible
+        rows (V, C) of the NHWC map; only the stem conv, the 7x7 depthwise convs and the 2x2
+        downsampling convs run dense, on maps with zeros at masked positions. GRN statistics are per
+        image over its visible rows. Not part of the scripted/exported graph: it is a training path.
+        """
+        n, _, height, width = x.shape
+        if mask.dim() != 3 or mask.shape[0] != n or mask.shape[1] * 32 != height or mask.shape[2] * 32 != width:
+            raise ValueError(
+                f"mask must be (N, H/32, W/32) = ({n}, {height / 32:g}, {width / 32:g}), got {tuple(mask.shape)}"
+            )
+        visible = mask == 0
+        rows = torch.empty(0)
+        layout: Optional[SparseLayout] = None
+        for i, (down, stage) in enumerate(zip(self.downsample_layers, self.stages)):
+            scale = 1 << (3 - i)
+            new_layout = SparseLayout(visible.repeat_interleave(scale, 1).repeat_interleave(scale, 2))
+            if i == 0:
+                conv, norm = down[0], down[1]
+                y = conv(x)  # stem on the full image, as the authors' sparse encoder does
+                rows = _gather_rows(y, new_layout)
+                rows = F.layer_norm(rows, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+            else:
+                assert layout is not None
+                norm, conv = down[0], down[1]
+                # LayerNorm is per position, so only visible rows; a 2x2/2 window never straddles a
+                # 32x32 patch edge, so visible outputs only read visible (normalised) inputs.
+                rows = F.layer_norm(rows, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+                rows = _gather_rows(conv(layout.scatter(rows)), new_layout)
+            layout = new_layout
+            for blk in stage:
+                if self.grad_checkpointing and self.training:
+                    rows = torch.utils.checkpoint.checkpoint(blk.forward_sparse, rows, layout, use_reentrant=False)
+                else:
+                    rows = blk.forward_sparse(rows, layout)
+        assert layout is not None
+        return layout.scatter(rows)
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Global average pool -> LayerNorm -> Linear; ``pre_logits=True`` stops before the Linear."""
         x = self.norm(x.mean(dim=(2, 3)))
@@ -169,6 +231,71 @@ def _stage_keep(mask: torch.Tensor, scale: int, dtype: torch.dtype) -> torch.Ten
     if scale > 1:
         keep = keep.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
     return keep.unsqueeze(1)
+
+
+class SparseLayout:
+    """Where the visible positions of an (N, H, W) map are, for the sparse FCMAE path.
+
+    ``idx`` holds the flat NHW indices of the visible positions in row-major order, so the rows of
+    each image form one contiguous segment. When every image has the same number ``k`` of visible
+    positions (always so for FCMAE's masks), per-image reductions are a free ``view(N, k, C)``;
+    otherwise they go through ``index_add_`` on the per-row image ids ``bid``.
+    """
+
+    def __init__(self, visible: torch.Tensor) -> None:
+        n, h, w = visible.shape
+        self.shape = (n, h, w)
+        self.idx = visible.reshape(-1).nonzero().squeeze(1)
+        counts = visible.reshape(n, -1).sum(1)
+        self.k: Optional[int] = int(counts[0]) if bool((counts == counts[0]).all()) else None
+        self.bid = torch.repeat_interleave(torch.arange(n, device=visible.device), counts)
+
+    def scatter(self, rows: torch.Tensor) -> torch.Tensor:
+        """(V, C) rows -> (N, C, H, W) map (channels_last storage) with zeros at masked positions."""
+        n, h, w = self.shape
+        c = rows.shape[1]
+        dense = rows.new_zeros(n * h * w, c).index_copy(0, self.idx, rows)
+        return dense.view(n, h, w, c).permute(0, 3, 1, 2)
+
+    def per_image(self, rows: torch.Tensor, fn: nn.Module) -> torch.Tensor:
+        """Apply a per-sample op (drop path) given as ``fn`` on an (N, ...) tensor to the rows."""
+        n = self.shape[0]
+        if self.k is not None:
+            return fn(rows.view(n, self.k, rows.shape[1])).view(rows.shape)
+        factor = fn(rows.new_ones(n, 1))
+        return rows * factor.index_select(0, self.bid)
+
+
+def _gather_rows(x: torch.Tensor, layout: SparseLayout) -> torch.Tensor:
+    """(N, C, H, W) map -> its (V, C) visible rows."""
+    n, c, h, w = x.shape
+    return x.permute(0, 2, 3, 1).reshape(n * h * w, c).index_select(0, layout.idx)
+
+
+def _grn_rows(grn: GRN, x: torch.Tensor, layout: SparseLayout) -> torch.Tensor:
+    """GRN on visible rows (V, D) with the L2 norm per image over its visible rows.
+
+    Same maths and fp32 statistics as ``GRN.forward`` on the zero-masked dense map: masked zeros add
+    nothing to the sum of squares. (The authors' MinkowskiGRN pools over the whole batch, their issue
+    #86; the paper and their dense code are per image, and so is this.)
+    """
+    n = layout.shape[0]
+    d = x.shape[1]
+    gamma = grn.gamma.reshape(d)
+    beta = grn.beta.reshape(d).to(x.dtype)
+    if layout.k is not None:
+        xs = x.view(n, layout.k, d)
+        gx = torch.linalg.vector_norm(xs.float(), ord=2, dim=1, keepdim=True)
+        nx = gx / (gx.mean(dim=-1, keepdim=True) + grn.eps)
+        return torch.addcmul(beta, xs, (gamma * nx + 1.0).to(x.dtype)).view(x.shape)
+    xf = x.float()
+    sumsq = xf.new_zeros(n, d).index_add_(0, layout.bid, xf * xf)
+    # sqrt has an infinite gradient at 0 where vector_norm's is 0: route zeros around it.
+    pos = sumsq > 0
+    gx = torch.where(pos, torch.where(pos, sumsq, torch.ones_like(sumsq)).sqrt(), torch.zeros_like(sumsq))
+    nx = gx / (gx.mean(dim=-1, keepdim=True) + grn.eps)
+    scale = (gamma * nx + 1.0).to(x.dtype).index_select(0, layout.bid)
+    return torch.addcmul(beta, x, scale)
 
 
 def _init_weights(m: nn.Module) -> None:
