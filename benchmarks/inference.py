@@ -1,0 +1,216 @@
+"""Inference benchmark: our backends against timm, HF transformers and ONNX Runtime, one run, one table.
+
+    python benchmarks/inference.py                 # ConvNeXt V2-Tiny 224, batch 16 and batch 1
+    python benchmarks/inference.py --variant atto  # another variant
+    python benchmarks/inference.py --quick         # smoke mode: atto 64 px, 1 repeat, no compile rows
+
+All rows use the same random weights (ours converted to timm/HF key layouts) and the same inputs, two
+threads, median of ``--repeats`` timed runs after warm-up. Each row reports img/s at batch 16, ms at
+batch 1, its ratio to timm eager fp32, and the fraction of the machine's matmul peak it reaches (fp32
+rows against the fp32 GEMM peak, bf16 rows against the bf16 peak), both peaks measured in this run.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+warnings.filterwarnings("ignore")
+
+
+def _median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def gemm_peak(dtype: torch.dtype, n: int, repeats: int) -> float:
+    """Measured GEMM throughput (GFLOP/s) of an n x n x n matmul in ``dtype``."""
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    t = _median_time(lambda: torch.mm(a, b), repeats, warmup=2)
+    return 2 * n**3 / t / 1e9
+
+
+def model_gflops(model: torch.nn.Module, size: int) -> float:
+    """FLOPs (2 x MACs) of one image, counted by torch's FlopCounterMode on the real graph."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.randn(1, 3, size, size))
+    return counter.get_total_flops() / 1e9
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variant", default="tiny")
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="smoke mode: atto at 64 px, 1 repeat, no compile rows")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (slow to start)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.variant, args.image_size, args.repeats, args.no_compile = "atto", 64, 1, True
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    import timm
+    import torch._inductor.config as inductor_config
+    import transformers
+
+    import onnxruntime as ort
+    from convnextv2_hub.convert import to_hf, to_timm
+    from convnextv2_hub.export import export_onnx, onnx_session
+    from convnextv2_hub.model import convnextv2
+    from convnextv2_hub.predict import Predictor, cpu_has_native_bf16
+
+    size, bs = args.image_size, args.batch_size
+    ours = convnextv2(args.variant).eval()
+    with torch.no_grad():  # random weights, GRN included (its zero init would make it an identity)
+        for p in ours.parameters():
+            p.normal_(0, 0.05)
+    sd = ours.state_dict()
+    timm_model = timm.create_model(f"convnextv2_{args.variant}", pretrained=False).eval()
+    timm_model.load_state_dict(to_timm(sd, args.variant))
+    hf_cfg = transformers.ConvNextV2Config(depths=list(ours.depths), hidden_sizes=list(ours.dims), num_labels=1000,
+                                           layer_norm_eps=1e-6)
+    hf_model = transformers.ConvNextV2ForImageClassification(hf_cfg).eval()
+    hf_model.load_state_dict(to_hf(sd), strict=False)
+
+    xb = torch.randn(bs, 3, size, size)
+    x1 = xb[:1].clone()
+    with torch.no_grad():
+        ref_b = ours(xb)
+        ref_1 = ours(x1)
+
+    rows: List[Tuple[str, str, Optional[float], Optional[float], float]] = []  # name, precision, img/s, ms, cos
+
+    def cosine(y: torch.Tensor, ref: torch.Tensor) -> float:
+        return float(torch.nn.functional.cosine_similarity(y.float().flatten(1), ref.flatten(1), dim=1).min())
+
+    def add(name: str, precision: str, run: Callable[[torch.Tensor], torch.Tensor], batch1: bool = True) -> None:
+        t0 = time.perf_counter()
+        yb = run(xb)  # warm-up (compiles when the row compiles)
+        start = time.perf_counter() - t0
+        tb = _median_time(lambda: run(xb), args.repeats, warmup=0)
+        ms = None
+        if batch1:
+            run(x1)
+            ms = 1000 * _median_time(lambda: run(x1), max(3, 2 * args.repeats), warmup=1)
+        rows.append((name, precision, bs / tb, ms, cosine(yb, ref_b)))
+        print(f"  {name}: {bs / tb:.1f} img/s, batch-1 {ms if ms is None else round(ms, 1)} ms, "
+              f"first call {start:.1f} s", file=sys.stderr, flush=True)
+
+    def inference(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        def run(x: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                return fn(x)
+        return run
+
+    print(f"measuring ({args.variant} {size}, batch {bs}, {args.threads} threads, median of {args.repeats}) ...",
+          file=sys.stderr, flush=True)
+    load_before = os.getloadavg()
+    peak_fp32 = gemm_peak(torch.float32, 2048, max(3, args.repeats))
+    peak_bf16 = gemm_peak(torch.bfloat16, 2048, max(3, args.repeats))
+
+    # --- peers ---
+    add("timm eager", "fp32", inference(timm_model))
+    add("HF transformers eager", "fp32", inference(lambda x: hf_model(pixel_values=x).logits))
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "timm.onnx")
+        torch.onnx.export(timm_model, (x1,), path, dynamo=False, opset_version=18, input_names=["input"],
+                          output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+        sess = onnx_session(path, args.threads)
+    add("ONNX Runtime (timm export)", "fp32",
+        lambda x: torch.from_numpy(sess.run(None, {"input": x.numpy()})[0]))
+    if not args.no_compile:
+        timm_cl = copy.deepcopy(timm_model).to(memory_format=torch.channels_last)
+        timm_c = torch.compile(timm_cl)
+
+        def run_timm_c(x: torch.Tensor) -> torch.Tensor:
+            with inductor_config.patch(freezing=True), torch.inference_mode(), \
+                    torch.autocast("cpu", torch.bfloat16):
+                return timm_c(x.contiguous(memory_format=torch.channels_last)).float()
+
+        add("timm torch.compile (channels_last, freezing)", "bf16", run_timm_c, batch1=False)
+
+    # --- ours ---
+    backends = [("eager", None), ("eager", "bf16"), ("onnxruntime", None)]
+    if not args.no_compile:
+        backends += [("compile", "fp32"), ("compile", None)]
+    for backend, precision in backends:
+        p = Predictor(ours, backend=backend, precision=precision, batch_size=bs)
+        add(f"ours {backend}" + (" channels_last" if p.channels_last else ""), p.precision, p,
+            batch1=not (backend == "compile"))
+        if backend == "compile":
+            # batch 1 on its own predictor: a second static-shape graph, compiled in the warm-up
+            p1 = Predictor(ours, backend=backend, precision=precision, batch_size=1)
+            p1(x1)
+            ms = 1000 * _median_time(lambda: p1(x1), max(3, 2 * args.repeats), warmup=1)
+            name, prec, ips, _, cos = rows[-1]
+            rows[-1] = (name, prec, ips, ms, cos)
+    auto = Predictor(ours, backend="auto", batch_size=bs)
+    if not args.no_compile:
+        # A long-running job: let auto pass its switch point (what a batch job sees after warm-up).
+        auto._setup_estimate_s = 0.0
+    for _ in range(3):
+        auto(xb), auto(x1)
+    add(f"ours auto -> {auto.active_path}", auto.precision if "fp32" not in auto.active_path else "fp32", auto)
+    load_after = os.getloadavg()
+
+    # --- table ---
+    gflops = model_gflops(ours, size)
+    timm_ips = rows[0][2]
+    timm_ms = rows[0][3]
+    best_peer = max(r[2] for r in rows if not r[0].startswith("ours"))
+    print(f"\n### ConvNeXt V2-{args.variant.capitalize()} {size}x{size}, batch {bs} and 1, {args.threads} threads\n")
+    print("| path | precision | img/s @bs%d | ms @bs1 | vs timm eager (bs%d / bs1) | %% of matmul peak (bs%d) | min cosine vs fp32 |" % (bs, bs, bs))
+    print("|---|---|---|---|---|---|---|")
+    for name, prec, ips, ms, cos in rows:
+        peak = peak_bf16 if prec in ("bf16", "fp16") else peak_fp32
+        frac = ips * gflops / peak
+        ms_s = f"{ms:.1f}" if ms is not None else "–"
+        ratio1 = f"{timm_ms / ms:.2f}×" if ms is not None and timm_ms else "–"
+        print(f"| {name} | {prec} | {ips:.1f} | {ms_s} | {ips / timm_ips:.2f}× / {ratio1} | {100 * frac:.1f}% | {cos:.6f} |")
+    ours_auto = rows[-1][2]
+    print(f"\nmatmul peak (2048² GEMM, same run): fp32 {peak_fp32:.0f} GFLOP/s, bf16 {peak_bf16:.0f} GFLOP/s; "
+          f"model {gflops:.2f} GFLOP/image")
+    print(f"ours auto vs best peer row: {ours_auto / best_peer:.2f}×")
+    print(f"machine: {cpu_name()}, {os.cpu_count()} logical CPUs, native bf16: {cpu_has_native_bf16()}, "
+          f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}; load average before/after "
+          f"{load_before[0]:.2f}/{load_after[0]:.2f}")
+    print(f"versions: python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, "
+          f"transformers {transformers.__version__}, onnxruntime {ort.__version__}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
