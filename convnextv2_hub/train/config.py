@@ -1,0 +1,327 @@
+"""Training configuration: the known keys, the recipe files, ``--set key=value`` parsing.
+
+Keys carry the authors' argument names (``main_pretrain.py`` / ``main_finetune.py``), so one of their
+commands translates one to one: ``--blr 6.25e-4`` becomes ``--set blr=6.25e-4``. Defaults are the
+authors' argparse defaults; a recipe (one JSON file per paper table, in ``recipes/``) overrides
+them per model size, and ``--set`` overrides both. A key nobody knows is an error that lists the
+known ones: a silently ignored typo (``--set warmup_epoch=5``) would waste a whole run.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+
+# name -> (default, type, help). Types: float, int, bool, str, "float?" / "int?" / "str?" (may be
+# null), "pair?" (two floats or null). Authors' defaults unless the help says otherwise.
+KEYS: Dict[str, Tuple[Any, str, str]] = {
+    # --- batch and schedule
+    "batch_size": (64, "int", "images per process per forward (authors: per GPU)"),
+    "eff_batch_size": (None, "int?", "target effective batch (the tables' batch size); sets update_freq when that is null [ours]"),
+    "update_freq": (None, "int?", "gradient accumulation steps; null: eff_batch_size / (batch_size * world_size), else 1"),
+    "epochs": (100, "int", "training epochs"),
+    "warmup_epochs": (20, "float", "linear lr warmup from 0, in (fractional) epochs"),
+    "blr": (5e-4, "float", "base lr: lr = blr * effective_batch / 256"),
+    "lr": (None, "float?", "absolute lr; overrides blr when set"),
+    "min_lr": (1e-6, "float", "floor of the cosine schedule"),
+    # --- optimiser
+    "opt": ("adamw", "str", "optimiser (adamw only, as the paper)"),
+    "opt_eps": (1e-8, "float", "AdamW eps"),
+    "opt_betas": (None, "pair?", "AdamW betas; null: torch's (0.9, 0.999)"),
+    "weight_decay": (0.05, "float", "AdamW weight decay (never on 1-D params, biases; GRN gamma/beta in fine-tuning)"),
+    "layer_decay": (1.0, "float", "layer-wise lr decay factor (1.0: off)"),
+    "layer_decay_type": ("single", "str", "'single' (one id per block) or 'group' (three blocks per id, for [3,3,27,3])"),
+    "clip_grad": (None, "float?", "max global grad norm (null: no clipping)"),
+    # --- model
+    "input_size": (224, "int", "training and eval resolution"),
+    "drop_path": (0.0, "float", "stochastic depth rate (linear over blocks)"),
+    "head_init_scale": (0.001, "float", "classifier head init is multiplied by this"),
+    "nb_classes": (None, "int?", "number of classes; null: from the dataset"),
+    "model_ema": (False, "bool", "keep an EMA of the weights"),
+    "model_ema_decay": (0.9999, "float", "EMA decay per optimiser step"),
+    "model_ema_eval": (False, "bool", "evaluate the EMA weights too each epoch"),
+    # --- augmentation and loss (fine-tuning)
+    "aa": ("rand-m9-mstd0.5-inc1", "str?", "RandAugment policy 'rand-mM[-mstdS][-nN]'; null/'none': off"),
+    "train_interpolation": ("bicubic", "str", "interpolation of the training crop"),
+    "train_crop_scale": (None, "pair?", "RandomResizedCrop area range [min, max]; null: [0.08, 1] fine-tuning (timm), [0.2, 1] FCMAE (authors) [ours]"),
+    "reprob": (0.25, "float", "random erasing probability"),
+    "remode": ("pixel", "str", "random erasing fill: 'pixel' (per-pixel normal noise) or 'const' (zeros)"),
+    "recount": (1, "int", "random erasing count (1 only)"),
+    "smoothing": (0.1, "float", "label smoothing"),
+    "mixup": (0.0, "float", "mixup alpha (0: off)"),
+    "cutmix": (0.0, "float", "cutmix alpha (0: off)"),
+    "mixup_prob": (1.0, "float", "probability of applying mixup or cutmix to a batch"),
+    "mixup_switch_prob": (0.5, "float", "probability of cutmix instead of mixup when both are on"),
+    "mixup_mode": ("batch", "str", "one lambda per batch ('batch' only)"),
+    "crop_pct": (None, "float?", "eval crop fraction; null: the checkpoint's (0.875 below 384, squash at 384+)"),
+    "imagenet_default_mean_and_std": (True, "bool", "ImageNet mean/std (false: 0.5/0.5)"),
+    # --- FCMAE pre-training
+    "mask_ratio": (0.6, "float", "fraction of 32x32 patches masked"),
+    "norm_pix_loss": (True, "bool", "per-patch normalised reconstruction target"),
+    "decoder_depth": (1, "int", "decoder ConvNeXt V2 blocks"),
+    "decoder_embed_dim": (512, "int", "decoder width"),
+    "patch_size": (32, "int", "mask patch size (32: the encoder stride)"),
+    # --- runtime
+    "seed": (0, "int", "seed; process r uses seed + r for its own randomness"),
+    "use_amp": (False, "bool", "autocast mixed precision"),
+    "amp_dtype": ("bfloat16", "str", "'bfloat16' (no scaler) or 'float16' (with GradScaler) [ours]"),
+    "compile": (False, "bool", "torch.compile the model [ours]"),
+    "channels_last": (False, "bool", "channels_last memory format [ours]"),
+    "grad_checkpointing": (False, "bool", "recompute blocks in backward to save memory [ours]"),
+    "num_workers": (None, "int?", "data loader workers per process; null: min(8, CPUs per process)"),
+    "pin_mem": (True, "bool", "pinned host memory for GPU copies"),
+    "save_ckpt_freq": (1, "int", "save the training state every N epochs (and at the end)"),
+    "save_ckpt_steps": (0, "int", "also save it every N optimiser steps (0: off) [ours]"),
+    "log_interval": (20, "int", "optimiser steps between log.jsonl step lines [ours]"),
+    "dist_eval": (True, "bool", "shard evaluation over processes (exact counts, no padding)"),
+    "tensorboard": (True, "bool", "write TensorBoard events when tensorboard is installed [ours]"),
+}
+
+# Keys that come from command-line flags, not from recipes or --set.
+FLAG_KEYS = ("model", "data_path", "output_dir", "finetune", "pretrained", "resume", "device", "recipe")
+
+MODES = ("pretrain", "finetune", "eval")
+DEFAULT_RECIPE = {"pretrain": "fcmae_pretrain", "finetune": "finetune_in1k"}
+_RESERVED_ROW_KEYS = ("source",)
+
+
+class ConfigError(ValueError):
+    """A bad key, value or recipe; the message says what is accepted."""
+
+
+def defaults() -> Dict[str, Any]:
+    return {k: v[0] for k, v in KEYS.items()}
+
+
+def known_keys_text() -> str:
+    return "\n".join(f"  {k} (default {json.dumps(v[0])}): {v[2]}" for k, v in KEYS.items())
+
+
+def _unknown_key(key: str, where: str) -> ConfigError:
+    import difflib
+
+    close = difflib.get_close_matches(key, list(KEYS), n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    flag = f" '{key}' is set by a command-line flag, not by {where}." if key in FLAG_KEYS else ""
+    return ConfigError(f"unknown config key {key!r} in {where}.{hint}{flag} Known keys:\n{known_keys_text()}")
+
+
+def coerce(key: str, value: Any, where: str = "--set") -> Any:
+    """Check ``value`` against the key's type; ints are accepted for floats, "a,b" for betas."""
+    if key not in KEYS:
+        raise _unknown_key(key, where)
+    typ = KEYS[key][1]
+    optional = typ.endswith("?")
+    base = typ.rstrip("?")
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key} cannot be null ({where})")
+    bad = ConfigError(f"{key} must be {base}{' or null' if optional else ''}, got {value!r} ({where})")
+    if base == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if base == "int":
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise bad
+        return int(value)
+    if base == "bool":
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if base == "str":
+        if not isinstance(value, str):
+            raise bad
+        return value
+    if base == "pair":
+        if isinstance(value, str):
+            value = [float(v) for v in value.split(",")]
+        if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(isinstance(v, (int, float)) for v in value):
+            raise bad
+        return [float(v) for v in value]
+    raise AssertionError(f"unhandled type {typ}")
+
+
+def parse_set(items: Iterable[str]) -> Dict[str, Any]:
+    """``["lr=1e-4", "model_ema=true", "aa=none"]`` -> typed dict. Values are JSON when they parse
+    as JSON (numbers, true/false/null, lists), else plain strings; ``none``/``None`` mean null."""
+    out: Dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set takes key=value, got {item!r}")
+        raw = raw.strip()
+        if raw in ("none", "None", "null"):
+            value: Any = None
+        elif raw in ("True", "False"):
+            value = raw == "True"
+        else:
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw
+        out[key] = coerce(key, value)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Recipes
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    mode: str
+    description: str
+    common: Mapping[str, Any]
+    sizes: Mapping[str, Mapping[str, Any]]  # empty: the same row for every variant
+    path: str
+
+    def row(self, variant: str) -> Tuple[Dict[str, Any], Dict[str, str]]:
+        """(values, source notes) for ``variant``: common values overlaid with its size row."""
+        if self.sizes and variant not in self.sizes:
+            raise ConfigError(
+                f"recipe {self.name!r} has no row for {variant!r}; it covers {list(self.sizes)} "
+                "(the paper gives no setting for the others). Pick another recipe or --set the values."
+            )
+        values: Dict[str, Any] = {}
+        notes: Dict[str, str] = {}
+        for part in (self.common, self.sizes.get(variant, {})):
+            for k, v in part.items():
+                if k == "source":
+                    notes.update(v)
+                else:
+                    values[k] = coerce(k, v, where=f"recipe {self.name}")
+        return values, notes
+
+
+def list_recipes() -> List[str]:
+    folder = resources.files(__package__).joinpath("recipes")
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json"))
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    """A packaged recipe by name (``finetune_in1k``) or a JSON file of the same shape by path."""
+    if name_or_path.endswith(".json") or os.sep in name_or_path:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise ConfigError(f"recipe file {name_or_path!r} does not exist")
+        text = path.read_text(encoding="utf-8")
+    else:
+        res = resources.files(__package__).joinpath("recipes", f"{name_or_path}.json")
+        if not res.is_file():
+            raise ConfigError(f"unknown recipe {name_or_path!r}; packaged recipes: {list_recipes()} (or pass a .json path)")
+        path, text = Path(str(res)), res.read_text(encoding="utf-8")
+    raw = json.loads(text)
+    for section in [raw.get("common", {})] + list(raw.get("sizes", {}).values()):
+        for k in section:
+            if k not in _RESERVED_ROW_KEYS and k not in KEYS:
+                raise _unknown_key(k, f"recipe {path}")
+    if raw.get("mode") not in ("pretrain", "finetune"):
+        raise ConfigError(f"recipe {path}: 'mode' must be 'pretrain' or 'finetune'")
+    return Recipe(
+        name=raw.get("name", path.stem),
+        mode=raw["mode"],
+        description=raw.get("description", ""),
+        common=raw.get("common", {}),
+        sizes=raw.get("sizes", {}),
+        path=str(path),
+    )
+
+
+def resolve(
+    mode: str, variant: str, recipe: Optional[str], overrides: Mapping[str, Any], base: Optional[Mapping[str, Any]] = None
+) -> Tuple[Dict[str, Any], Dict[str, str]]:
+    """defaults <- ``base`` <- recipe row for ``variant`` <- overrides. Returns (config, source notes)."""
+    cfg = defaults()
+    cfg.update(base or {})
+    notes: Dict[str, str] = {}
+    if recipe:
+        r = load_recipe(recipe)
+        if r.mode != mode:
+            raise ConfigError(f"recipe {r.name!r} is a {r.mode} recipe; this is the {mode} command")
+        values, notes = r.row(variant)
+        cfg.update(values)
+    for k, v in overrides.items():
+        cfg[k] = coerce(k, v)
+    validate(cfg)
+    return cfg, notes
+
+
+def validate(cfg: Mapping[str, Any]) -> None:
+    """Value checks that do not need the data or the device."""
+    choices = {
+        "layer_decay_type": ("single", "group"),
+        "amp_dtype": ("bfloat16", "float16"),
+        "opt": ("adamw",),
+        "mixup_mode": ("batch",),
+        "remode": ("pixel", "const"),
+    }
+    for k, allowed in choices.items():
+        if cfg[k] not in allowed:
+            raise ConfigError(f"{k} must be one of {list(allowed)}, got {cfg[k]!r}")
+    if cfg["recount"] != 1:
+        raise ConfigError("recount must be 1 (one erased box per image, the authors' setting)")
+    for k in ("batch_size", "epochs", "input_size", "save_ckpt_freq", "log_interval"):
+        if cfg[k] <= 0:
+            raise ConfigError(f"{k} must be positive, got {cfg[k]}")
+    if cfg["update_freq"] is not None and cfg["update_freq"] <= 0:
+        raise ConfigError(f"update_freq must be positive, got {cfg['update_freq']}")
+    if not 0 <= cfg["warmup_epochs"] <= cfg["epochs"]:
+        raise ConfigError(f"warmup_epochs must be in [0, epochs], got {cfg['warmup_epochs']}")
+    scale = cfg["train_crop_scale"]
+    if scale is not None and not 0 < scale[0] <= scale[1] <= 1:
+        raise ConfigError(f"train_crop_scale must be [min, max] with 0 < min <= max <= 1, got {scale}")
+    for k in ("reprob", "mixup_prob", "mixup_switch_prob", "smoothing", "drop_path"):
+        if not 0 <= cfg[k] <= 1:
+            raise ConfigError(f"{k} must be in [0, 1], got {cfg[k]}")
+    if cfg["layer_decay"] <= 0:
+        raise ConfigError(f"layer_decay must be > 0, got {cfg['layer_decay']}")
+    if cfg["aa"] not in (None, "", "none"):
+        parse_rand_augment(cfg["aa"])
+
+
+def parse_rand_augment(policy: str) -> Tuple[int, float, float]:
+    """timm's ``rand-m9-mstd0.5-inc1`` -> (num_ops, magnitude, magnitude_std). ``inc`` is accepted:
+    torchvision's RandAugment ops already grow stronger with the magnitude (timm's 'increasing')."""
+    parts = policy.split("-")
+    if parts[0] != "rand":
+        raise ConfigError(f"aa: only RandAugment policies 'rand-...' are supported, got {policy!r}")
+    num_ops, magnitude, mstd = 2, 10.0, 0.0  # timm's defaults for a bare 'rand'
+    for p in parts[1:]:
+        if p.startswith("mstd"):
+            mstd = float(p[4:])
+        elif p.startswith("mmax"):
+            raise ConfigError("aa: 'mmax' is not supported")
+        elif p.startswith("m"):
+            magnitude = float(p[1:])
+        elif p.startswith("n"):
+            num_ops = int(p[1:])
+        elif p.startswith("inc"):
+            pass
+        elif p.startswith("w"):
+            raise ConfigError("aa: weighted op choice ('w') is not supported")
+        else:
+            raise ConfigError(f"aa: unknown part {p!r} in {policy!r}")
+    if not 0 <= magnitude <= 10:
+        raise ConfigError(f"aa: magnitude must be in [0, 10] (timm's scale), got {magnitude}")
+    return num_ops, magnitude, mstd
+
+
+def effective_batch(cfg: Mapping[str, Any], world_size: int) -> Tuple[int, int]:
+    """(update_freq, effective batch) for this world size.
+
+    update_freq null: reach ``eff_batch_size`` by accumulation (rounded up when it does not divide;
+    the lr follows the batch actually used, lr = blr * eff / 256, so the recipe stays consistent).
+    """
+    per_step = cfg["batch_size"] * world_size
+    uf = cfg["update_freq"]
+    if uf is None:
+        target = cfg["eff_batch_size"]
+        uf = max(1, -(-target // per_step)) if target else 1
+    return uf, per_step * uf
+
