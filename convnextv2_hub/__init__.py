@@ -4,11 +4,15 @@
 >>> model = cvh.create("tiny", pretrained=True)
 >>> cvh.predict(model, ["cat.jpg"], topk=5)
 
-Attributes are imported on first use, so ``import convnextv2_hub`` stays cheap (no torchvision,
+Most attributes are imported on first use, so ``import convnextv2_hub`` stays cheap (no torchvision,
 onnxruntime or huggingface_hub until a function needs them) and never touches the network.
 """
 from importlib import import_module
 from typing import Any
+
+# Eager on purpose: the function ``predict`` shares its name with the submodule ``predict``, and importing
+# that submodule later (the CLI does) would rebind ``convnextv2_hub.predict`` to the module.
+from .predict import Predictor, predict
 
 __version__ = "0.1.0"
 
@@ -23,11 +27,11 @@ _EXPORTS = {
     "load_checkpoint": "convert",
     "save_checkpoint": "convert",
     "create_transform": "transforms",
-    "predict": "predict",
-    "Predictor": "predict",
+    "export_onnx": "export",
+    "export_torchscript": "export",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted([*_EXPORTS, "predict", "Predictor"])
 
 
 def __getattr__(name: str) -> Any:

@@ -7,6 +7,9 @@ import sys
 from importlib import resources
 from typing import List, Optional
 
+from .analysis import add_analyze_parser
+from .fcmae import add_fcmae_show_parser
+
 SAMPLE_IMAGE = "sample.jpg"
 
 
@@ -34,12 +37,12 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
+    from dataclasses import fields
 
     from .manifest import get_checkpoint
 
     ckpt = get_checkpoint(args.name)
-    info = {k: v for k, v in asdict(ckpt).items() if k != "meta"}
+    info = {f.name: getattr(ckpt, f.name) for f in fields(ckpt) if f.name != "meta"}
     info.update(dict(ckpt.meta))
     if args.json:
         print(json.dumps(info, indent=2))
@@ -52,7 +55,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .hub import create
-    from .predict import classify
+    from .predict import Predictor
 
     images = args.images or [sample_image_path()]
     model = create(
@@ -61,7 +64,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         checkpoint_path=args.checkpoint_path,
         num_classes=args.num_classes,
     )
-    preds = classify(model, images, topk=args.topk, batch_size=args.batch_size)
+    predictor = Predictor(model, backend=args.backend, batch_size=args.batch_size)
+    preds = predictor.classify(images, topk=args.topk)
     if args.json:
         print(json.dumps(
             [{"image": p.source, "topk": [{"label": l, "prob": round(s, 6)} for l, s in p.topk], "error": p.error}
@@ -101,8 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, help="head size of --checkpoint-path weights")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--backend", default="auto", choices=["auto", "eager", "compile", "onnxruntime"],
+                   help="inference backend (default auto: fastest safe path; compiles only when it pays off)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_predict)
+    add_analyze_parser(sub)
+    add_fcmae_show_parser(sub)
     return parser
 
 
