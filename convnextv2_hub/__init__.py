@@ -12,7 +12,7 @@ from typing import Any
 
 # Eager on purpose: the function ``predict`` shares its name with the submodule ``predict``, and importing
 # that submodule later (the CLI does) would rebind ``convnextv2_hub.predict`` to the module.
-from .predict import Predictor, predict
+from .predict import Predictor, predict  # noqa: F401
 
 __version__ = "0.1.0"
 

@@ -44,12 +44,13 @@ import json
 import math
 import os
 import random
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+
+from .atomic import atomic_write
 
 # torch is imported inside the functions that use it: ``convnextv2 list`` builds this module's parser
 # and must stay instant (the CLI imports nothing heavy until a command runs).
@@ -584,17 +585,8 @@ def expansion_activations(
 
 # --- writing --------------------------------------------------------------------------------------
 def _atomic_write(path: Path, write: Callable[[Any], None], binary: bool = False) -> None:
-    """Write through a temp file in the same folder, then rename: readers never see a half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"newline": "", "encoding": "utf-8"})) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    path.parent.mkdir(parents=True, exist_ok=True)  # figures may go to a new folder, unlike exports
+    atomic_write(path, write, text=not binary)
 
 
 def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:

@@ -31,7 +31,6 @@ import os
 import pickle
 import pickletools
 import re
-import secrets
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
+from .atomic import atomic_path
 from .model import ConvNeXtV2
 from .variants import VARIANTS, get_variant
 
@@ -705,39 +705,9 @@ def save_checkpoint(model: ConvNeXtV2, path: PathLike, metadata: Optional[Dict[s
         meta[k] = v
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
 
-    tmp = parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    # O_EXCL: never clobber someone else's file; mode 0o666 lets the umask decide, as for open().
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    try:
+    with atomic_path(path) as tmp:
         safetensors.torch.save_file(tensors, str(tmp), metadata=meta)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # the data is on disk before the rename makes it visible
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(parent)
     return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Persist the rename itself; not possible on every platform (Windows), where it is skipped.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def read_metadata(path: PathLike) -> Dict[str, str]:

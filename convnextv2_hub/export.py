@@ -26,7 +26,6 @@ import copy
 import json
 import math
 import os
-import secrets
 import sys
 import warnings
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .atomic import atomic_path, temp_path
 from .layers import GRN
 from .model import ConvNeXtV2
 
@@ -224,19 +224,6 @@ def _check_args(model: nn.Module, path: Path, image_size: int, overwrite: bool, 
         raise FileExistsError(f"{str(path)!r} already exists; pass --overwrite (overwrite=True) to replace it")
 
 
-def _tmp_path(path: Path) -> Path:
-    return path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-
-
-def _finish(tmp: Path, path: Path) -> None:
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 def _unlink(p: Path) -> None:
     try:
         os.unlink(p)
@@ -333,45 +320,44 @@ def export_onnx(
     m = _prepare(model, half)
     dtype = torch.float16 if half else torch.float32
     example = torch.zeros(static_batch or 2, 3, size, size, dtype=dtype)
-    tmp = _tmp_path(path)
-    tmp_fp32 = _tmp_path(path) if quantize else tmp
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice is not actionable here
-            try:
-                torch.onnx.export(
-                    m, (example,), str(tmp_fp32), dynamo=False, opset_version=opset,
-                    input_names=["input"], output_names=["logits"],
-                    dynamic_axes=_dynamic_axes(static_batch, dynamic_size),
-                    do_constant_folding=True,
-                )
-            except Exception as exc:  # the exporter raises many types; report one clear error
-                raise ExportError(f"ONNX export failed at opset {opset}: {type(exc).__name__}: {exc}") from exc
-        if quantize:
-            import logging
+    with atomic_path(path) as tmp:
+        # int8: the fp32 export is quantized into tmp; its own temp file never outlives this call
+        tmp_fp32 = temp_path(path) if quantize else tmp
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice is not actionable here
+                try:
+                    torch.onnx.export(
+                        m, (example,), str(tmp_fp32), dynamo=False, opset_version=opset,
+                        input_names=["input"], output_names=["logits"],
+                        dynamic_axes=_dynamic_axes(static_batch, dynamic_size),
+                        do_constant_folding=True,
+                    )
+                except Exception as exc:  # the exporter raises many types; report one clear error
+                    raise ExportError(f"ONNX export failed at opset {opset}: {type(exc).__name__}: {exc}") from exc
+            if quantize:
+                import logging
 
-            from onnxruntime.quantization import QuantType, quantize_dynamic
+                from onnxruntime.quantization import QuantType, quantize_dynamic
 
-            # Its "run pre-processing first" advice concerns static quantization; dynamic needs none.
-            root = logging.getLogger()
-            level = root.level
-            root.setLevel(logging.ERROR)
-            try:
-                quantize_dynamic(str(tmp_fp32), str(tmp), weight_type=QuantType.QInt8)
-            finally:
-                root.setLevel(level)
-        _write_onnx_metadata(tmp, meta)
-        report = _verify_onnx(model, tmp, size, static_batch, precision, meta) if verify else None
-        if report is not None:
-            if verbose:
-                print(report)
-            if not report.passed:
-                raise ExportError(f"{path.name}: {report}")
-        _finish(tmp, path)
-    finally:
-        _unlink(tmp)
-        if tmp_fp32 != tmp:
-            _unlink(tmp_fp32)
+                # Its "run pre-processing first" advice concerns static quantization; dynamic needs none.
+                root = logging.getLogger()
+                level = root.level
+                root.setLevel(logging.ERROR)
+                try:
+                    quantize_dynamic(str(tmp_fp32), str(tmp), weight_type=QuantType.QInt8)
+                finally:
+                    root.setLevel(level)
+            _write_onnx_metadata(tmp, meta)
+            report = _verify_onnx(model, tmp, size, static_batch, precision, meta) if verify else None
+            if report is not None:
+                if verbose:
+                    print(report)
+                if not report.passed:
+                    raise ExportError(f"{path.name}: {report}")
+        finally:
+            if tmp_fp32 != tmp:
+                _unlink(tmp_fp32)
     return report
 
 
@@ -438,8 +424,7 @@ def export_torchscript(
     precision = "fp16" if half else "fp32"
     meta = export_metadata(model, size, precision, {"dynamic_batch": True, "exporter": "torch.jit.script"})
     m = _prepare(model, half)
-    tmp = _tmp_path(path)
-    try:
+    with atomic_path(path) as tmp:
         with warnings.catch_warnings():
             # TorchScript's deprecation notices: the format is still what C++/LibTorch users load.
             warnings.simplefilter("ignore", FutureWarning)
@@ -461,9 +446,6 @@ def export_torchscript(
                 print(report)
             if not report.passed:
                 raise ExportError(f"{path.name}: {report}")
-        _finish(tmp, path)
-    finally:
-        _unlink(tmp)
     return report
 
 

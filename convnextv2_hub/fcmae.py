@@ -50,7 +50,6 @@ import argparse
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
@@ -58,6 +57,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .atomic import atomic_path
 from .convert import read_metadata, read_state_dict, split_fcmae_sparse
 from .model import Block, ConvNeXtV2, _init_weights, convnextv2
 from .variants import VARIANTS
@@ -278,17 +278,8 @@ class FCMAE(nn.Module):
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": json.dumps(self.config())}
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())  # data on disk before the rename makes it visible
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
         return path
 
     @classmethod
@@ -515,15 +506,8 @@ def fcmae_show(
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_path(out) as tmp:
         Image.fromarray(row).save(tmp, format="PNG")
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return out
 
 

@@ -53,6 +53,7 @@ from .data import (
     find_split,
     finetune_train_transform,
 )
+from ..atomic import atomic_write
 from .optim import absolute_lr, build_optimizer, lr_at, set_lr
 
 STATE_FILE = "checkpoint-last.pt"
@@ -175,42 +176,13 @@ def restore_rng(state: Dict[str, Any], device: torch.device) -> None:
 # ------------------------------------------------------------------------------------------------
 # Atomic files
 # ------------------------------------------------------------------------------------------------
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """``write(file)`` into a temporary file next to ``path``, fsync, rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
 def atomic_write_json(path: Path, obj: Any) -> None:
     data = (json.dumps(obj, indent=2, default=str) + "\n").encode("utf-8")
-    atomic_write_bytes(path, lambda f: f.write(data))
+    atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_torch_save(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -295,7 +267,7 @@ class Logger:
             elif e.get("global_step", 0) <= global_step:
                 kept.append(line)
         data = ("\n".join(kept) + ("\n" if kept else "")).encode("utf-8")
-        atomic_write_bytes(self.path, lambda f: f.write(data))
+        atomic_write(self.path, lambda f: f.write(data))
 
     def close(self) -> None:
         if self.tb is not None:
