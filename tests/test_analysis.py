@@ -12,14 +12,7 @@ from convnextv2_hub import analysis as A
 from convnextv2_hub.model import convnextv2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors on a shared CPU: intra-op threads only spin against each other (20x slower measured
-    # under load with 2 threads than with 1). Restored afterwards for other test modules.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: see conftest
 
 
 def _brute_force_distance(x: torch.Tensor) -> float:
@@ -141,7 +134,7 @@ def test_selectivity_meter_negative_activity_modes():
 @pytest.fixture(scope="module")
 def digits_folder(tmp_path_factory):
     """sklearn's handwritten digits as an ImageFolder: 4 classes x 3 images, upscaled 8x8 -> 32x32 PNGs."""
-    datasets = pytest.importorskip("sklearn.datasets")
+    from sklearn import datasets
     digits = datasets.load_digits()
     root = tmp_path_factory.mktemp("digits")
     for cls in range(4):
@@ -231,7 +224,7 @@ def test_list_images_round_robin_over_classes(digits_folder, tmp_path):
 # --- activation maps --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def photo(tmp_path_factory):
-    skimage_data = pytest.importorskip("skimage.data")
+    from skimage import data as skimage_data
     path = tmp_path_factory.mktemp("photo") / "astronaut.png"
     Image.fromarray(skimage_data.astronaut()).save(path)
     return path
@@ -340,7 +333,7 @@ def test_cli_selectivity_and_activations(atto_file, photo, digits_folder, tmp_pa
 
 @pytest.mark.parametrize("variant", ["atto", "tiny"])  # timm: 1x1-conv MLP (NCHW) for atto, Linear (NHWC) for tiny
 def test_timm_models_are_read_at_the_same_positions(variant):
-    timm = pytest.importorskip("timm")
+    import timm
     from convnextv2_hub.convert import to_timm
 
     torch.manual_seed(0)

@@ -13,13 +13,7 @@ from PIL import Image
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors on a shared CPU: a second intra-op thread only spins (20x slower measured under load).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: see conftest
 
 
 def _example(name: str):
@@ -45,7 +39,7 @@ def atto_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
-    skimage_data = pytest.importorskip("skimage.data")
+    from skimage import data as skimage_data
     d = tmp_path_factory.mktemp("photos")
     for name in ("astronaut", "coffee", "chelsea", "rocket"):
         Image.fromarray(getattr(skimage_data, name)()).save(d / f"{name}.png")
@@ -55,7 +49,7 @@ def photos(tmp_path_factory):
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     """sklearn digits as DATA/{train,val}/<class>/*.png: 3 classes, 4 images each per split."""
-    datasets = pytest.importorskip("sklearn.datasets")
+    from sklearn import datasets
     data = datasets.load_digits()
     root = tmp_path_factory.mktemp("digits")
     for split, offset in (("train", 0), ("val", 4)):
@@ -138,7 +132,7 @@ def test_detection_backbone_shapes_and_layer_decay(atto_file):
 
 
 def test_export_onnx_and_pil_only_preprocessing(atto_file, photos, tmp_path, capsys):
-    pytest.importorskip("onnxruntime")
+    import onnxruntime  # noqa: F401  (the example needs it)
     ex = _example("export_onnx")
     out = tmp_path / "atto.onnx"
     assert ex.main([str(photos / "rocket.png"), "--model", "atto", "--checkpoint-path", atto_file,

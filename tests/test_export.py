@@ -1,5 +1,4 @@
 """convnextv2-export: ONNX / TorchScript round trips, metadata, precision bounds and CLI failures."""
-import json
 import os
 
 import numpy as np

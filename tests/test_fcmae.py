@@ -26,14 +26,7 @@ MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The test machine's 2 cores are shared: with 2 OpenMP threads competing against other jobs these
-    # small ops ran ~10x slower (threads spin at barriers); 1 thread keeps the file well under 90 s.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: see conftest
 
 
 def _randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import write_skimage_photos
 import torch
 from PIL import Image
 
@@ -24,14 +25,7 @@ def atto_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
-    skimage_data = pytest.importorskip("skimage.data")
-    d = tmp_path_factory.mktemp("photos")
-    paths = []
-    for name in ("astronaut", "coffee", "camera"):
-        p = d / f"{name}.png"
-        Image.fromarray(getattr(skimage_data, name)()).save(p)
-        paths.append(str(p))
-    return paths
+    return write_skimage_photos(tmp_path_factory.mktemp("photos"), ("astronaut", "coffee", "camera"))
 
 
 def test_predict_matches_manual_pipeline(atto_file, photos):

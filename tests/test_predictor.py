@@ -1,5 +1,6 @@
 """Predictor backends agree with eager fp32 on the same input; the caller's model is never modified."""
 import pytest
+from conftest import write_skimage_photos
 import torch
 from PIL import Image
 
@@ -22,14 +23,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
-    skimage_data = pytest.importorskip("skimage.data")
-    d = tmp_path_factory.mktemp("photos")
-    paths = []
-    for name in ("astronaut", "coffee", "chelsea"):
-        p = d / f"{name}.png"
-        Image.fromarray(getattr(skimage_data, name)()).save(p)
-        paths.append(str(p))
-    return paths
+    return write_skimage_photos(tmp_path_factory.mktemp("photos"), ("astronaut", "coffee", "chelsea"))
 
 
 @pytest.fixture(scope="module")

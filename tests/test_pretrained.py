@@ -12,7 +12,7 @@ import convnextv2_hub.hub as hub
 from convnextv2_hub.convert import to_ours
 from test_download import LoopbackServer, file_responder, hf_env, hub_responder, servers  # noqa: F401
 
-timm = pytest.importorskip("timm")
+import timm
 
 
 @pytest.fixture(scope="module")

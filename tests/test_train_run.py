@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from convnextv2_hub.train.cli import main
 
-pytest.importorskip("sklearn")
+import sklearn  # noqa: F401,E402  (test extra: the data set comes from it)
 
 
 @pytest.fixture(autouse=True)
