@@ -52,8 +52,7 @@ import numpy as np
 
 from .atomic import atomic_write
 
-# torch is imported inside the functions that use it: ``convnextv2 list`` builds this module's parser
-# and must stay instant (the CLI imports nothing heavy until a command runs).
+# torch is imported inside the functions that use it, so building this module's CLI parser costs nothing.
 if TYPE_CHECKING:
     import torch
     from torch import nn
