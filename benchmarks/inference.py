@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 import warnings
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -88,7 +88,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     import onnxruntime as ort
     from convnextv2_hub.convert import to_hf, to_timm
-    from convnextv2_hub.export import export_onnx, onnx_session
+    from convnextv2_hub.export import onnx_session
     from convnextv2_hub.model import convnextv2
     from convnextv2_hub.predict import Predictor, cpu_has_native_bf16
 
@@ -109,7 +109,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     x1 = xb[:1].clone()
     with torch.no_grad():
         ref_b = ours(xb)
-        ref_1 = ours(x1)
 
     rows: List[Tuple[str, str, Optional[float], Optional[float], float]] = []  # name, precision, img/s, ms, cos
 

@@ -7,7 +7,7 @@ import sys
 from importlib import resources
 from typing import List, Optional
 
-from .analysis import add_analyze_parser
+from .analysis_cli import add_analyze_parser
 from .fcmae import add_fcmae_show_parser
 
 SAMPLE_IMAGE = "sample.jpg"

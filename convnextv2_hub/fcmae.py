@@ -58,7 +58,8 @@ import torch
 from torch import nn
 
 from .atomic import atomic_path
-from .convert import read_metadata, read_state_dict, split_fcmae_sparse
+from .checkpoint_formats import split_fcmae_sparse
+from .checkpoint_reading import read_metadata, read_state_dict
 from .model import Block, ConvNeXtV2, _init_weights, convnextv2
 from .variants import VARIANTS
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import argparse
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 from torch import nn

@@ -22,10 +22,10 @@ from typing import List, Optional
 import torch
 from PIL import Image
 
-from convnextv2_hub.analysis import list_images
 from convnextv2_hub.convert import save_checkpoint
 from convnextv2_hub.fcmae import FCMAE
 from convnextv2_hub.hub import create
+from convnextv2_hub.image_folder import list_images
 from convnextv2_hub.transforms import train_transform
 
 

@@ -9,6 +9,9 @@ import torch
 from PIL import Image
 
 from convnextv2_hub import analysis as A
+from convnextv2_hub.analysis_blocks import find_block, residual_blocks
+from convnextv2_hub.analysis_figures import _atomic_write, plot_activations, plot_selectivity
+from convnextv2_hub.image_folder import list_images
 from convnextv2_hub.model import convnextv2
 
 
@@ -61,7 +64,7 @@ def test_cosine_distance_matches_formula_and_layouts():
 def _collapse(model: torch.nn.Module, noise: float = 1e-3) -> None:
     """Make every block's 4C expansion channels (nearly) the same channel: the V1 FCMAE failure mode."""
     with torch.no_grad():
-        for ref in A.residual_blocks(model):
+        for ref in residual_blocks(model):
             w, b = ref.module.pwconv1.weight, ref.module.pwconv1.bias
             w.copy_(w[:1].expand_as(w) + noise * torch.randn_like(w))
             b.fill_(0.1)
@@ -92,7 +95,7 @@ def test_grn_before_and_after_differ_only_once_grn_is_trained():
     after = A.compute_cosine_distance(model, batches, grn="after", progress=False).distance
     assert before == pytest.approx(after, abs=1e-7)
     with torch.no_grad():
-        for ref in A.residual_blocks(model):
+        for ref in residual_blocks(model):
             ref.module.grn.beta.normal_(0, 1.0)  # a per-channel offset moves channel directions
     after = A.compute_cosine_distance(model, batches, grn="after", progress=False).distance
     assert max(abs(a - b) for a, b in zip(before, after)) > 1e-3
@@ -164,7 +167,7 @@ def test_selectivity_on_real_digits_writes_consistent_csv_json_png(digits_folder
     assert finite.size > 0.9 * values.size and finite.min() >= 0 and finite.max() <= 1
 
     out = tmp_path / "fig7.png"
-    summary = A.plot_selectivity([res], out, bins=10, figsize=(12, 4), dpi=50)
+    summary = plot_selectivity([res], out, bins=10, figsize=(12, 4), dpi=50)
     with Image.open(out) as img:
         img.verify()
     with Image.open(out) as img:
@@ -205,20 +208,20 @@ def test_accumulators_do_not_grow_with_image_count():
 
 
 def test_list_images_round_robin_over_classes(digits_folder, tmp_path):
-    paths, labels, names = A.list_images(digits_folder, limit=4, seed=1)
+    paths, labels, names = list_images(digits_folder, limit=4, seed=1)
     assert sorted(labels) == [0, 1, 2, 3] and names == [f"digit_{c}" for c in range(4)]  # one per class
-    assert A.list_images(digits_folder, limit=4, seed=1)[0] == paths  # seeded
-    _, labels, _ = A.list_images(digits_folder, per_class=2)
+    assert list_images(digits_folder, limit=4, seed=1)[0] == paths  # seeded
+    _, labels, _ = list_images(digits_folder, per_class=2)
     assert np.bincount(labels).tolist() == [2, 2, 2, 2]
     flat = tmp_path / "flat"
     flat.mkdir()
     for k in range(3):
         Image.new("RGB", (8, 8), (k, 0, 0)).save(flat / f"{k}.png")
     (flat / "notes.txt").write_text("not an image")
-    paths, labels, names = A.list_images(flat)
+    paths, labels, names = list_images(flat)
     assert len(paths) == 3 and labels == [-1] * 3 and names == []
     with pytest.raises(ValueError, match="class sub-folders"):
-        A.list_images(flat, require_classes=True)
+        list_images(flat, require_classes=True)
 
 
 # --- activation maps --------------------------------------------------------------------------------
@@ -248,10 +251,10 @@ def test_activation_maps_grid(photo, tmp_path):
         manual = blk.grn(blk.act(blk.pwconv1(blk.norm(blk.dwconv(h).permute(0, 2, 3, 1)))))
     assert torch.allclose(feats, manual[0].permute(2, 0, 1), atol=1e-5)
     with pytest.raises(ValueError, match="stage 3: blocks 1..6"):
-        A.find_block(model, "3.7")
+        find_block(model, "3.7")
 
     out = tmp_path / "fig3.png"
-    summary = A.plot_activations(feats, out, channels=16, figsize=(4, 4), dpi=50)
+    summary = plot_activations(feats, out, channels=16, figsize=(4, 4), dpi=50)
     with Image.open(out) as img:
         assert img.size == (200, 200)
     assert summary["channels_shown"] == 16 and len(summary["channels"]) == 16
@@ -271,7 +274,7 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        A._atomic_write(target, fail)
+        _atomic_write(target, fail)
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["x.json"]
 
 
@@ -343,12 +346,12 @@ def test_timm_models_are_read_at_the_same_positions(variant):
     dims = get_variant(variant).dims
     ours = ConvNeXtV2(depths=(1, 1, 2, 1), dims=dims, num_classes=0)  # shallow: only the layout matters
     with torch.no_grad():
-        for ref in A.residual_blocks(ours):
+        for ref in residual_blocks(ours):
             ref.module.grn.gamma.normal_(0, 0.5)
             ref.module.grn.beta.normal_(0, 0.5)
     theirs = timm.create_model(f"convnextv2_{variant}", pretrained=False, num_classes=0, depths=ours.depths)
     theirs.load_state_dict(to_timm(ours.state_dict(), variant), strict=False)
-    assert [r.label for r in A.residual_blocks(theirs)] == [r.label for r in A.residual_blocks(ours)]
+    assert [r.label for r in residual_blocks(theirs)] == [r.label for r in residual_blocks(ours)]
     batches = [torch.randn(2, 3, 64, 64)]
     for grn in ("before", "after"):
         a = A.compute_cosine_distance(ours, batches, grn=grn, progress=False)

@@ -423,7 +423,7 @@ def test_authors_sparse_checkpoint(tmp_path):
     assert sparse["encoder.stages.0.0.dwconv.kernel"].shape == (49, 40)
     assert sparse["encoder.stages.0.0.grn.gamma"].shape == (1, 160)
 
-    # Real main_pretrain checkpoints store argparse.Namespace under 'args' (allowlisted, see convert.py).
+    # Real main_pretrain checkpoints store argparse.Namespace under 'args' (allowlisted, see checkpoint_reading.py).
     args = argparse.Namespace(model="convnextv2_atto", input_size=224, mask_ratio=0.6, norm_pix_loss=True,
                               blr=1.5e-4, data_path="/data/imagenet", resume="", layer_decay=None)
     path = tmp_path / "checkpoint-799.pth"

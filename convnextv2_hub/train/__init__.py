@@ -3,5 +3,7 @@
 Entry points: the ``convnextv2-train`` console script and ``python -m convnextv2_hub.train`` (the
 form torchrun launches). Submodules: ``config`` (keys, recipes, ``--set``), ``optim`` (param
 groups, layer decay, lr schedule), ``data`` (datasets, transforms, mixup), ``engine`` (the loop,
-checkpoints, resume, evaluation), ``cli``. Nothing heavy is imported here, so ``--help`` is fast.
+checkpoints, resume), ``evaluation`` (top-1/top-5, the ``eval`` command), ``models`` (the model a
+run trains), ``distributed``, ``rng``, ``ema``, ``runlog``, ``atomic_files``, ``cli``. Nothing heavy
+is imported here, so ``--help`` is fast.
 """

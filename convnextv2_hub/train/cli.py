@@ -96,7 +96,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(json.dumps({"config": cfg, "sources": notes}, indent=2))
         return 0
 
-    from .engine import NonFiniteLossError, Run, run_eval, train
+    from .engine import NonFiniteLossError, Run, train
+    from .evaluation import run_eval
 
     run = Run(
         mode=args.command, model=args.model, data_path=args.data, output_dir=args.output, cfg=cfg,

@@ -18,31 +18,31 @@ epoch, index), so restarting in the middle of an epoch replays the same pixels (
 (2) the lr is a pure function of the position (epoch, micro-step); (3) everything else that draws
 random numbers in the training process (drop path, FCMAE masks, mixup) uses the global RNGs, whose
 states are saved per process at every checkpoint and restored last, just before the loop.
+
+Companion modules: ``distributed`` (torchrun processes), ``rng`` (RNG states), ``ema`` (``ModelEma``),
+``runlog`` (console, ``log.jsonl``, TensorBoard), ``atomic_files``, ``models`` (building the trained
+model) and ``evaluation`` (top-1/top-5 and the ``eval`` command).
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import math
-import os
-import random
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from . import config as C
+from .atomic_files import atomic_torch_save, atomic_write_json
 from .data import (
     MixupCutmix,
-    ShardSampler,
     TrainSampler,
     build_dataset,
     collate,
@@ -53,8 +53,13 @@ from .data import (
     find_split,
     finetune_train_transform,
 )
-from ..atomic import atomic_write
+from .distributed import DistEnv, _all_sum, _barrier, init_distributed, shutdown
+from .ema import ModelEma
+from .evaluation import _amp_dtype, _eval_loader, evaluate
+from .models import build_finetune_model, build_pretrain_model
 from .optim import absolute_lr, build_optimizer, lr_at, set_lr
+from .rng import capture_rng, restore_rng, seed_all
+from .runlog import Logger
 
 STATE_FILE = "checkpoint-last.pt"
 WEIGHTS_FILE = "checkpoint-last.safetensors"
@@ -81,369 +86,6 @@ class Run:
     device: str = "auto"
     recipe: Optional[str] = None
     notes: Dict[str, str] = field(default_factory=dict)
-
-
-# ------------------------------------------------------------------------------------------------
-# Distributed setup
-# ------------------------------------------------------------------------------------------------
-@dataclass
-class DistEnv:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    owns_group: bool
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: str = "auto") -> DistEnv:
-    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); NCCL on GPUs, gloo on CPUs."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        dev = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    else:
-        dev = torch.device(device)
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device("cuda", local)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    owns = False
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-        owns = True
-    return DistEnv(rank, world, local, dev, owns)
-
-
-def shutdown(env: DistEnv) -> None:
-    if env.owns_group and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def _all_sum(values: List[float], env: DistEnv) -> List[float]:
-    if not env.distributed:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=env.device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def _barrier(env: DistEnv) -> None:
-    if env.distributed:
-        dist.barrier()
-
-
-# ------------------------------------------------------------------------------------------------
-# RNG state (stored as tensors and plain numbers so checkpoints load with weights_only=True)
-# ------------------------------------------------------------------------------------------------
-def seed_all(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % (2**32))
-    random.seed(seed)
-
-
-def capture_rng(device: torch.device) -> Dict[str, Any]:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    version, py_state, gauss_next = random.getstate()
-    state: Dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "python": {"version": int(version), "state": torch.tensor(py_state, dtype=torch.int64), "gauss_next": gauss_next},
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def restore_rng(state: Dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(int(x) for x in p["state"].tolist()), p["gauss_next"]))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-# ------------------------------------------------------------------------------------------------
-# Atomic files
-# ------------------------------------------------------------------------------------------------
-def atomic_write_json(path: Path, obj: Any) -> None:
-    data = (json.dumps(obj, indent=2, default=str) + "\n").encode("utf-8")
-    atomic_write(path, lambda f: f.write(data))
-
-
-def atomic_torch_save(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-# ------------------------------------------------------------------------------------------------
-# EMA
-# ------------------------------------------------------------------------------------------------
-class ModelEma:
-    """Exponential moving average of a model's parameters and float buffers (timm's ModelEma):
-    ema = decay * ema + (1 - decay) * model, after every optimiser step."""
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        import copy
-
-        self.module = copy.deepcopy(model).eval()
-        for p in self.module.parameters():
-            p.requires_grad_(False)
-        self.decay = decay
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        ema_t, model_t = [], []
-        for e, m in zip(self.module.state_dict().values(), model.state_dict().values()):
-            if e.is_floating_point():
-                ema_t.append(e)
-                model_t.append(m.detach())
-            else:
-                e.copy_(m)
-        torch._foreach_lerp_(ema_t, model_t, 1.0 - self.decay)
-
-    def state_dict(self) -> Dict[str, torch.Tensor]:
-        return self.module.state_dict()
-
-    def load_state_dict(self, sd: Dict[str, torch.Tensor]) -> None:
-        self.module.load_state_dict(sd)
-
-
-# ------------------------------------------------------------------------------------------------
-# Logging
-# ------------------------------------------------------------------------------------------------
-class Logger:
-    """Rank-0 console lines, ``log.jsonl`` and optional TensorBoard."""
-
-    def __init__(self, out: Optional[Path], env: DistEnv, use_tensorboard: bool) -> None:
-        self.active = env.is_main
-        self.path = out / "log.jsonl" if (out is not None and self.active) else None
-        self.tb = None
-        if self.active and out is not None and use_tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
-
-                self.tb = SummaryWriter(str(out / "tensorboard"))
-            except ImportError:
-                self.tb = None
-
-    def info(self, msg: str) -> None:
-        if self.active:
-            print(msg, flush=True)
-
-    def record(self, entry: Dict[str, Any]) -> None:
-        if self.path is not None:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(entry) + "\n")
-        if self.tb is not None:
-            step = entry.get("global_step", 0)
-            for k, v in _flatten(entry).items():
-                if isinstance(v, (int, float)) and k not in ("global_step", "epoch", "micro"):
-                    self.tb.add_scalar(f"{entry['type']}/{k}", v, step)
-
-    def truncate_after(self, epoch: int, global_step: int) -> None:
-        """On resume: drop lines a killed run wrote after the checkpoint it resumes from, so the
-        log is exactly the log of an uninterrupted run."""
-        if self.path is None or not self.path.is_file():
-            return
-        kept = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                e = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by the kill
-            if e.get("type") == "epoch":
-                if e["epoch"] < epoch:
-                    kept.append(line)
-            elif e.get("global_step", 0) <= global_step:
-                kept.append(line)
-        data = ("\n".join(kept) + ("\n" if kept else "")).encode("utf-8")
-        atomic_write(self.path, lambda f: f.write(data))
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-# ------------------------------------------------------------------------------------------------
-# Model building
-# ------------------------------------------------------------------------------------------------
-def _variant(model_name: str) -> str:
-    from ..manifest import parse_model_name
-
-    return parse_model_name(model_name)[0]
-
-
-def build_finetune_model(run: Run, num_classes: int, logger: Logger) -> nn.Module:
-    """``create()`` with the recipe's drop path and head init scale; then ``--init`` weights (an
-    FCMAE file keeps the fresh, scaled head and norm; a head of another class count is replaced)."""
-    from ..convert import load_checkpoint
-    from ..hub import create
-
-    cfg = run.cfg
-    model = create(run.model, pretrained=run.pretrained, num_classes=num_classes, drop_path_rate=cfg["drop_path"], head_init_scale=cfg["head_init_scale"])
-    if run.init:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            report = load_checkpoint(model, run.init)
-        for w in caught:
-            logger.info(f"note: {w.message}")
-        logger.info(f"loaded {run.init} ({report.format}); kept fresh: {report.reinitialized or 'nothing'}")
-    return model
-
-
-def build_pretrain_model(run: Run) -> nn.Module:
-    from ..fcmae import FCMAE
-
-    cfg = run.cfg
-    kw = dict(mask_ratio=cfg["mask_ratio"], norm_pix_loss=cfg["norm_pix_loss"])
-    if run.init:
-        model = FCMAE.from_checkpoint(run.init, drop_path_rate=cfg["drop_path"], **kw)
-    else:
-        model = FCMAE(
-            _variant(run.model),
-            patch_size=cfg["patch_size"],
-            decoder_dim=cfg["decoder_embed_dim"],
-            decoder_depth=cfg["decoder_depth"],
-            drop_path_rate=cfg["drop_path"],
-            **kw,
-        )
-    # The encoder's final LayerNorm is not used by FCMAE (the decoder reads the last stage map):
-    # frozen, so it is not in the optimiser and DDP needs no find_unused_parameters pass.
-    model.encoder.norm.requires_grad_(False)
-    return model
-
-
-# ------------------------------------------------------------------------------------------------
-# Evaluation
-# ------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, env: DistEnv, amp: Optional[torch.dtype], channels_last: bool = False, reduce: bool = True) -> Dict[str, Any]:
-    """Top-1/top-5 (percent), mean CE loss and image count; exact over processes (shards, no padding)."""
-    was_training = model.training
-    model.eval()
-    c1 = c5 = n = loss_sum = skipped = 0.0
-    num_classes = None
-    for images, labels, skip in loader:
-        images = images.to(env.device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        labels = labels.to(env.device, non_blocking=True)
-        with torch.autocast(env.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            logits = model(images)
-        logits = logits.float()
-        num_classes = logits.shape[1]
-        if int(labels.max()) >= num_classes:
-            raise ValueError(f"a label ({int(labels.max())}) is out of range for a {num_classes}-class model")
-        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-        top = logits.topk(min(5, num_classes), dim=1).indices
-        hit = top == labels[:, None]
-        c1 += float(hit[:, 0].sum())
-        c5 += float(hit.any(dim=1).sum())
-        n += labels.numel()
-        skipped += skip
-    if reduce:
-        c1, c5, n, loss_sum, skipped = _all_sum([c1, c5, n, loss_sum, skipped], env)
-    model.train(was_training)
-    n_int = int(n)
-    return {
-        "top1": 100.0 * c1 / max(n, 1),
-        "top5": 100.0 * c5 / max(n, 1),
-        "loss": loss_sum / max(n, 1),
-        "num_images": n_int,
-        "skipped_images": int(skipped),
-    }
-
-
-def _eval_loader(ds, cfg: Dict[str, Any], env: DistEnv, num_workers: int):
-    from torch.utils.data import DataLoader
-
-    shard = cfg["dist_eval"] and env.distributed
-    sampler = ShardSampler(len(ds), env.world_size if shard else 1, env.rank if shard else 0)
-    gen = torch.Generator()  # its own generator: iterating must not advance the training RNG
-    gen.manual_seed(0)
-    return (
-        DataLoader(ds, batch_size=cfg["batch_size"], sampler=sampler, num_workers=num_workers, collate_fn=collate,
-                   pin_memory=cfg["pin_mem"] and env.device.type == "cuda", generator=gen),
-        shard,
-    )
-
-
-def _amp_dtype(cfg: Dict[str, Any]) -> Optional[torch.dtype]:
-    if not cfg["use_amp"]:
-        return None
-    return torch.bfloat16 if cfg["amp_dtype"] == "bfloat16" else torch.float16
-
-
-def run_eval(run: Run) -> Dict[str, Any]:
-    """The ``eval`` command: top-1/top-5 of released (``--pretrained``) or own (``--init``) weights."""
-    from ..hub import create
-
-    cfg = run.cfg
-    env = init_distributed(run.device)
-    try:
-        loc = find_split(run.data_path, "val", fallback_to_root=True)
-        if loc is None:
-            raise FileNotFoundError(f"no evaluation data at {run.data_path}")
-        prep = eval_preprocessing(run.model, cfg["input_size"], cfg["crop_pct"], cfg["imagenet_default_mean_and_std"])
-        ds = build_dataset(loc, eval_transform(prep))
-        num_classes = cfg["nb_classes"] or (None if run.pretrained else _checkpoint_classes(run.init)) or len(ds.classes)
-        if run.pretrained:
-            model = create(run.model, pretrained=True)
-        else:
-            if not run.init:
-                raise ValueError("eval needs --pretrained or --init PATH (weights to evaluate)")
-            model = create(run.model, num_classes=num_classes, checkpoint_path=run.init)
-        model.to(env.device)
-        if cfg["channels_last"]:
-            model.to(memory_format=torch.channels_last)
-        nw = cfg["num_workers"] if cfg["num_workers"] is not None else default_num_workers(env.world_size)
-        loader, shard = _eval_loader(ds, cfg, env, nw)
-        res = evaluate(model, loader, env, _amp_dtype(cfg), cfg["channels_last"], reduce=shard)
-        res.update(
-            model=run.model,
-            weights=run.init or getattr(getattr(model, "checkpoint", None), "name", run.model),
-            data=str(loc),
-            preprocessing=prep.__dict__,
-        )
-        if env.is_main:
-            if run.output_dir:
-                out = Path(run.output_dir)
-                out.mkdir(parents=True, exist_ok=True)
-                atomic_write_json(out / "eval.json", res)
-        return res
-    finally:
-        shutdown(env)
-
-
-def _checkpoint_classes(path: Optional[str]) -> Optional[int]:
-    """Class count of a weights file's head (any supported format); None without a head."""
-    if not path:
-        return None
-    from ..convert import read_state_dict, to_ours
-
-    sd = to_ours(read_state_dict(path))
-    w = sd.get("head.weight")
-    return int(w.shape[0]) if w is not None else None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,124 @@
+"""Image folders: an ImageFolder-style dir (one sub-folder per class) or a flat folder, listed with a
+seeded round-robin selection across classes, and the dataset that reads the listed files."""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Sequence, Tuple, Union
+
+# torch is imported inside the functions that use it, so building the analyze CLI parser costs nothing.
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
+PathLike = Union[str, os.PathLike]
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+
+
+def list_images(
+    root: PathLike,
+    limit: Optional[int] = None,
+    per_class: Optional[int] = None,
+    seed: int = 0,
+    require_classes: bool = False,
+) -> Tuple[List[str], List[int], List[str]]:
+    """Image paths, class indices and class names of an ImageFolder-style dir or a flat folder.
+
+    Class folders (sub-directories holding images, searched recursively) win over loose files. The
+    selection is seeded-random within each class and round-robin across classes, so ``limit=1000`` on
+    ImageNet val gives one image of each class, the paper's "images from different classes". A flat
+    folder has one unnamed class (index -1).
+    """
+    base = Path(root)
+    if not base.is_dir():
+        raise ValueError(f"{root} is not a directory")
+    rng = random.Random(seed)
+    classes = sorted(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
+    groups: List[List[str]] = []
+    names: List[str] = []
+    for name in classes:
+        files = sorted(str(p) for p in (base / name).rglob("*") if _is_image(p))
+        if files:
+            names.append(name)
+            groups.append(files)
+    if not groups:
+        if require_classes:
+            raise ValueError(f"{root} has no class sub-folders with images (expected ROOT/CLASS/IMAGE)")
+        files = sorted(str(p) for p in base.iterdir() if _is_image(p))
+        if not files:
+            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {root}")
+        rng.shuffle(files)
+        files = files[:limit] if limit else files
+        return files, [-1] * len(files), []
+    for files in groups:
+        rng.shuffle(files)
+        if per_class:
+            del files[per_class:]
+    order = list(range(len(groups)))
+    rng.shuffle(order)
+    paths: List[str] = []
+    labels: List[int] = []
+    for rank in range(max(len(g) for g in groups)):
+        for c in order:
+            if rank < len(groups[c]):
+                paths.append(groups[c][rank])
+                labels.append(c)
+    if limit:
+        paths, labels = paths[:limit], labels[:limit]
+    return paths, labels, names
+
+
+class ImageList:
+    """(image tensor, label) for a list of files; unreadable files fail with their path in the message.
+
+    A map-style dataset (``__len__``/``__getitem__``), all a DataLoader needs.
+    """
+
+    def __init__(self, paths: Sequence[str], labels: Sequence[int], transform: Callable[[Any], torch.Tensor]) -> None:
+        self.paths, self.labels, self.transform = list(paths), list(labels), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> Tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        from .transforms import to_rgb
+
+        try:
+            with Image.open(self.paths[i]) as img:
+                img.load()
+                rgb = to_rgb(img)
+        except OSError as exc:
+            raise OSError(f"cannot read image {self.paths[i]}: {exc}") from exc
+        return self.transform(rgb), self.labels[i]
+
+
+def default_transform(model: nn.Module) -> Callable[[Any], torch.Tensor]:
+    """The model's own eval preprocessing: its checkpoint entry's, timm's data config, else 224 ImageNet."""
+    ckpt = getattr(model, "checkpoint", None)
+    if ckpt is not None and hasattr(ckpt, "transforms"):
+        return ckpt.transforms()
+    if getattr(model, "pretrained_cfg", None):  # a timm model
+        import timm.data
+
+        return timm.data.create_transform(**timm.data.resolve_model_data_config(model))
+    from .transforms import eval_transform
+
+    return eval_transform(224)
+
+
+def _loader(paths, labels, transform, batch_size: int, workers: int) -> torch.utils.data.DataLoader:
+    import torch
+
+    return torch.utils.data.DataLoader(
+        ImageList(paths, labels, transform), batch_size=batch_size, shuffle=False, num_workers=workers
+    )
+
+
+__all__ = ["IMAGE_EXTENSIONS", "ImageList", "default_transform", "list_images"]

@@ -1,0 +1,58 @@
+"""The model a run trains: the classifier for fine-tuning (recipe drop path and head init, ``--init``
+weights) or the FCMAE for pre-training."""
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+if TYPE_CHECKING:
+    from .engine import Run
+    from .runlog import Logger
+
+
+def _variant(model_name: str) -> str:
+    from ..manifest import parse_model_name
+
+    return parse_model_name(model_name)[0]
+
+
+def build_finetune_model(run: Run, num_classes: int, logger: Logger) -> nn.Module:
+    """``create()`` with the recipe's drop path and head init scale; then ``--init`` weights (an
+    FCMAE file keeps the fresh, scaled head and norm; a head of another class count is replaced)."""
+    from ..convert import load_checkpoint
+    from ..hub import create
+
+    cfg = run.cfg
+    model = create(run.model, pretrained=run.pretrained, num_classes=num_classes, drop_path_rate=cfg["drop_path"], head_init_scale=cfg["head_init_scale"])
+    if run.init:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            report = load_checkpoint(model, run.init)
+        for w in caught:
+            logger.info(f"note: {w.message}")
+        logger.info(f"loaded {run.init} ({report.format}); kept fresh: {report.reinitialized or 'nothing'}")
+    return model
+
+
+def build_pretrain_model(run: Run) -> nn.Module:
+    from ..fcmae import FCMAE
+
+    cfg = run.cfg
+    kw = dict(mask_ratio=cfg["mask_ratio"], norm_pix_loss=cfg["norm_pix_loss"])
+    if run.init:
+        model = FCMAE.from_checkpoint(run.init, drop_path_rate=cfg["drop_path"], **kw)
+    else:
+        model = FCMAE(
+            _variant(run.model),
+            patch_size=cfg["patch_size"],
+            decoder_dim=cfg["decoder_embed_dim"],
+            decoder_depth=cfg["decoder_depth"],
+            drop_path_rate=cfg["drop_path"],
+            **kw,
+        )
+    # The encoder's final LayerNorm is not used by FCMAE (the decoder reads the last stage map):
+    # frozen, so it is not in the optimiser and DDP needs no find_unused_parameters pass.
+    model.encoder.norm.requires_grad_(False)
+    return model
