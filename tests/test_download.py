@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -30,32 +30,12 @@ from safetensors.torch import load_file, save_file
 
 from convnextv2_hub import download as dl
 from convnextv2_hub.download import CheckpointDownloadError, download_checkpoint
+from convnextv2_hub.manifest import get_checkpoint
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 SERVER_LIFETIME_S = 60.0  # every server stops by itself after this, even if a test forgets to
 
-try:  # the real manifest entry; a stand-in with the same attribute names where manifest.py is absent
-    from convnextv2_hub.manifest import get_checkpoint
-
-    BASE_CKPT = get_checkpoint("atto.fcmae_ft_in1k")
-except ImportError:
-    @dataclass(frozen=True)
-    class _Checkpoint:
-        name: str
-        variant: str
-        tag: str
-        resolution: int
-        num_classes: int
-        hf_hub_id: str
-        hf_hub_filename: str
-        hf_format: str
-        url: str
-        sha256: Optional[str]
-
-    BASE_CKPT = _Checkpoint(
-        name="atto.fcmae_ft_in1k", variant="atto", tag="fcmae_ft_in1k", resolution=224, num_classes=1000,
-        hf_hub_id="timm/convnextv2_atto.fcmae_ft_in1k", hf_hub_filename="model.safetensors", hf_format="timm",
-        url="https://dl.fbaipublicfiles.com/convnext/convnextv2/im1k/convnextv2_atto_1k_224_ema.pt", sha256=None)
+BASE_CKPT = get_checkpoint("atto.fcmae_ft_in1k")
 
 REPO_ID = BASE_CKPT.hf_hub_id
 FILENAME = BASE_CKPT.hf_hub_filename
