@@ -5,7 +5,8 @@
     python benchmarks/inference.py --quick         # smoke mode: atto 64 px, 1 repeat, no compile rows
 
 All rows use the same random weights (ours converted to timm/HF key layouts) and the same inputs, two
-threads, median of ``--repeats`` timed runs after warm-up. Each row reports img/s at batch 16, ms at
+threads; every row is warmed up first, then rows are timed in interleaved rounds (each round runs
+every row once) and each row reports its median over ``--repeats`` rounds. Each row reports img/s at batch 16, ms at
 batch 1, its ratio to timm eager fp32, and the fraction of the machine's matmul peak it reaches (fp32
 rows against the fp32 GEMM peak, bf16 rows against the bf16 peak), both peaks measured in this run.
 """
@@ -39,11 +40,16 @@ def _median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> flo
 
 
 def gemm_peak(dtype: torch.dtype, n: int, repeats: int) -> float:
-    """Measured GEMM throughput (GFLOP/s) of an n x n x n matmul in ``dtype``."""
+    """Peak GEMM throughput (GFLOP/s): the fastest of ``repeats`` n x n x n matmuls in ``dtype``."""
     a = torch.randn(n, n).to(dtype)
     b = torch.randn(n, n).to(dtype)
-    t = _median_time(lambda: torch.mm(a, b), repeats, warmup=2)
-    return 2 * n**3 / t / 1e9
+    torch.mm(a, b), torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
 
 
 def model_gflops(model: torch.nn.Module, size: int) -> float:
@@ -110,23 +116,33 @@ def main(argv: Optional[List[str]] = None) -> int:
     with torch.no_grad():
         ref_b = ours(xb)
 
-    rows: List[Tuple[str, str, Optional[float], Optional[float], float]] = []  # name, precision, img/s, ms, cos
+    # Rows are registered (warmed up, compiled, checked) first and timed afterwards in interleaved rounds:
+    # round r times every row once, so a noisy moment on a shared machine hits all rows alike instead
+    # of one row's whole measurement.
+    Runner = Callable[[torch.Tensor], torch.Tensor]
+    entries: List[Tuple[str, str, Runner, Optional[Runner], float]] = []  # name, precision, bs run, bs1 run, cos
 
     def cosine(y: torch.Tensor, ref: torch.Tensor) -> float:
         return float(torch.nn.functional.cosine_similarity(y.float().flatten(1), ref.flatten(1), dim=1).min())
 
-    def add(name: str, precision: str, run: Callable[[torch.Tensor], torch.Tensor], batch1: bool = True) -> None:
+    def add(name: str, precision: str, run: Runner, run1: Optional[Runner] = None) -> None:
+        """``run`` serves batch 16 (and batch 1 unless ``run1`` is given, e.g. a second static graph)."""
+        run1 = run1 or run
         t0 = time.perf_counter()
         yb = run(xb)  # warm-up (compiles when the row compiles)
-        start = time.perf_counter() - t0
-        tb = _median_time(lambda: run(xb), args.repeats, warmup=0)
-        ms = None
-        if batch1:
-            run(x1)
-            ms = 1000 * _median_time(lambda: run(x1), max(3, 2 * args.repeats), warmup=1)
-        rows.append((name, precision, bs / tb, ms, cosine(yb, ref_b)))
-        print(f"  {name}: {bs / tb:.1f} img/s, batch-1 {ms if ms is None else round(ms, 1)} ms, "
-              f"first call {start:.1f} s", file=sys.stderr, flush=True)
+        run1(x1)
+        run(xb), run1(x1)
+        entries.append((name, precision, run, run1, cosine(yb, ref_b)))
+        print(f"  {name}: ready, warm-up {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+
+    def interleaved_medians(x: torch.Tensor, which: int, rounds: int) -> List[float]:
+        times: List[List[float]] = [[] for _ in entries]
+        for _ in range(rounds):
+            for i, entry in enumerate(entries):
+                t0 = time.perf_counter()
+                entry[which](x)
+                times[i].append(time.perf_counter() - t0)
+        return [statistics.median(t) for t in times]
 
     def inference(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
         def run(x: torch.Tensor) -> torch.Tensor:
@@ -154,12 +170,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         timm_cl = copy.deepcopy(timm_model).to(memory_format=torch.channels_last)
         timm_c = torch.compile(timm_cl)
 
-        def run_timm_c(x: torch.Tensor) -> torch.Tensor:
-            with inductor_config.patch(freezing=True), torch.inference_mode(), \
-                    torch.autocast("cpu", torch.bfloat16):
-                return timm_c(x.contiguous(memory_format=torch.channels_last)).float()
+        timm_c1 = torch.compile(timm_cl)  # batch 1 gets its own static graph, as ours does
 
-        add("timm torch.compile (channels_last, freezing)", "bf16", run_timm_c, batch1=False)
+        def timm_runner(compiled: Callable) -> Runner:
+            def run(x: torch.Tensor) -> torch.Tensor:
+                with inductor_config.patch(freezing=True), torch.inference_mode(), \
+                        torch.autocast("cpu", torch.bfloat16):
+                    return compiled(x.contiguous(memory_format=torch.channels_last)).float()
+            return run
+
+        add("timm torch.compile (channels_last, freezing)", "bf16", timm_runner(timm_c), timm_runner(timm_c1))
 
     # --- ours ---
     backends = [("eager", None), ("eager", "bf16"), ("onnxruntime", None)]
@@ -167,15 +187,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         backends += [("compile", "fp32"), ("compile", None)]
     for backend, precision in backends:
         p = Predictor(ours, backend=backend, precision=precision, batch_size=bs)
-        add(f"ours {backend}" + (" channels_last" if p.channels_last else ""), p.precision, p,
-            batch1=not (backend == "compile"))
-        if backend == "compile":
-            # batch 1 on its own predictor: a second static-shape graph, compiled in the warm-up
-            p1 = Predictor(ours, backend=backend, precision=precision, batch_size=1)
-            p1(x1)
-            ms = 1000 * _median_time(lambda: p1(x1), max(3, 2 * args.repeats), warmup=1)
-            name, prec, ips, _, cos = rows[-1]
-            rows[-1] = (name, prec, ips, ms, cos)
+        # compile: batch 1 on its own predictor, a second static-shape graph compiled in the warm-up
+        p1 = Predictor(ours, backend=backend, precision=precision, batch_size=1) if backend == "compile" else None
+        add(f"ours {backend}" + (" channels_last" if p.channels_last else ""), p.precision, p, p1)
     auto = Predictor(ours, backend="auto", batch_size=bs)
     if not args.no_compile:
         # A long-running job: let auto pass its switch point (what a batch job sees after warm-up).
@@ -183,6 +197,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     for _ in range(3):
         auto(xb), auto(x1)
     add(f"ours auto -> {auto.active_path}", auto.precision if "fp32" not in auto.active_path else "fp32", auto)
+
+    print(f"timing: {args.repeats} interleaved rounds at batch {bs}, {max(3, 2 * args.repeats)} at batch 1 ...",
+          file=sys.stderr, flush=True)
+    tb = interleaved_medians(xb, 2, args.repeats)
+    t1 = interleaved_medians(x1, 3, max(3, 2 * args.repeats))
+    rows = [(name, prec, bs / b, 1000 * one, cos) for (name, prec, _, _, cos), b, one in zip(entries, tb, t1)]
     load_after = os.getloadavg()
 
     # --- table ---
@@ -196,13 +216,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name, prec, ips, ms, cos in rows:
         peak = peak_bf16 if prec in ("bf16", "fp16") else peak_fp32
         frac = ips * gflops / peak
-        ms_s = f"{ms:.1f}" if ms is not None else "–"
-        ratio1 = f"{timm_ms / ms:.2f}×" if ms is not None and timm_ms else "–"
-        print(f"| {name} | {prec} | {ips:.1f} | {ms_s} | {ips / timm_ips:.2f}× / {ratio1} | {100 * frac:.1f}% | {cos:.6f} |")
+        print(f"| {name} | {prec} | {ips:.1f} | {ms:.1f} | {ips / timm_ips:.2f}× / {timm_ms / ms:.2f}× | "
+              f"{100 * frac:.1f}% | {cos:.6f} |")
     ours_auto = rows[-1][2]
     print(f"\nmatmul peak (2048² GEMM, same run): fp32 {peak_fp32:.0f} GFLOP/s, bf16 {peak_bf16:.0f} GFLOP/s; "
           f"model {gflops:.2f} GFLOP/image")
     print(f"ours auto vs best peer row: {ours_auto / best_peer:.2f}×")
+    best1 = min((r for r in rows if r[0].startswith("ours")), key=lambda r: r[3])
+    peer1 = min((r for r in rows if not r[0].startswith("ours")), key=lambda r: r[3])
+    print(f"batch 1: ours best {best1[3]:.1f} ms ({best1[0]}, {best1[1]}), best peer {peer1[3]:.1f} ms ({peer1[0]})")
     print(f"machine: {cpu_name()}, {os.cpu_count()} logical CPUs, native bf16: {cpu_has_native_bf16()}, "
           f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}; load average before/after "
           f"{load_before[0]:.2f}/{load_after[0]:.2f}")

@@ -8,7 +8,7 @@ from importlib import resources
 from typing import List, Optional
 
 from .analysis_cli import add_analyze_parser
-from .fcmae import add_fcmae_show_parser
+from .fcmae_show import add_fcmae_show_parser
 
 SAMPLE_IMAGE = "sample.jpg"
 

@@ -10,15 +10,8 @@ import torch
 from PIL import Image
 
 from convnextv2_hub import convert
-from convnextv2_hub.fcmae import (
-    FCMAE,
-    PANEL_GAP,
-    add_fcmae_show_parser,
-    fcmae_show,
-    gen_random_mask,
-    patchify,
-    unpatchify,
-)
+from convnextv2_hub.fcmae import FCMAE, gen_random_mask, patchify, unpatchify
+from convnextv2_hub.fcmae_show import PANEL_GAP, add_fcmae_show_parser, fcmae_show
 from convnextv2_hub.layers import GRN
 from convnextv2_hub.model import convnextv2
 
