@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import v2
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+from ..image_folder import IMAGE_EXTENSIONS
+
 _MAX_REPLACEMENTS = 64  # consecutive unreadable files before we conclude the data set is broken
 
 
