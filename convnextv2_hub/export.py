@@ -39,6 +39,7 @@ from torch import nn
 from .atomic import atomic_path, temp_path
 from .layers import GRN
 from .model import ConvNeXtV2
+from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 PathLike = Union[str, os.PathLike]
 
@@ -76,8 +77,8 @@ def export_metadata(model: ConvNeXtV2, image_size: Optional[int] = None, precisi
         "num_classes": int(model.num_classes),
         "precision": precision,
         # The checkpoint's evaluation preprocessing; ImageNet defaults when the model has no entry.
-        "mean": list(ckpt.mean) if ckpt is not None else [0.485, 0.456, 0.406],
-        "std": list(ckpt.std) if ckpt is not None else [0.229, 0.224, 0.225],
+        "mean": list(ckpt.mean) if ckpt is not None else list(IMAGENET_MEAN),
+        "std": list(ckpt.std) if ckpt is not None else list(IMAGENET_STD),
         "interpolation": ckpt.interpolation if ckpt is not None else "bicubic",
         "crop_pct": float(ckpt.crop_pct) if ckpt is not None else 0.875,
         "crop_mode": ckpt.crop_mode if ckpt is not None else "center",

@@ -62,8 +62,6 @@ from .checkpoint_reading import read_metadata, read_state_dict
 from .model import Block, ConvNeXtV2, _init_weights, convnextv2
 from .variants import VARIANTS
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 ENCODER_STRIDE = 32
 FORMAT = "convnextv2_hub.fcmae"
 FORMAT_VERSION = "1"

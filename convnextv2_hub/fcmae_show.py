@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from .atomic import atomic_path
-from .fcmae import ENCODER_STRIDE, FCMAE, IMAGENET_MEAN, IMAGENET_STD, PathLike, patchify, unpatchify
+from .fcmae import ENCODER_STRIDE, FCMAE, PathLike, patchify, unpatchify
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, to_rgb
 
 PANEL_GAP = 4  # white pixels between the four panels
 
@@ -18,8 +19,6 @@ PANEL_GAP = 4  # white pixels between the four panels
 def _load_image(image_path: PathLike, size: Tuple[int, int]) -> torch.Tensor:
     """File -> normalised (1, 3, H, W): upright RGB, shorter side resized and centre-cropped."""
     from PIL import Image, ImageOps
-
-    from .transforms import to_rgb
 
     with Image.open(image_path) as im:
         img = to_rgb(im)

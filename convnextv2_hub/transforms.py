@@ -26,6 +26,9 @@ from torchvision.transforms import v2
 
 from .manifest import Checkpoint, get_checkpoint
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 ImageLike = Union[Image.Image, torch.Tensor, np.ndarray]
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
@@ -136,8 +139,8 @@ def eval_transform(
     crop_pct: float = 0.875,
     crop_mode: str = "center",
     interpolation: str = "bicubic",
-    mean: Sequence[float] = (0.485, 0.456, 0.406),
-    std: Sequence[float] = (0.229, 0.224, 0.225),
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
 ) -> Callable[[ImageLike], torch.Tensor]:
     """Deterministic eval pipeline: image -> float32 tensor (3, resolution, resolution).
 
@@ -164,8 +167,8 @@ def eval_transform(
 def train_transform(
     resolution: int,
     interpolation: str = "bicubic",
-    mean: Sequence[float] = (0.485, 0.456, 0.406),
-    std: Sequence[float] = (0.229, 0.224, 0.225),
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
     scale: Tuple[float, float] = (0.08, 1.0),
 ) -> Callable[[ImageLike], torch.Tensor]:
     """Basic training pipeline: RandomResizedCrop (bicubic, timm's default scale) + horizontal flip.
