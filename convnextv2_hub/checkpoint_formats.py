@@ -4,7 +4,7 @@ are described in ``convert``)."""
 from __future__ import annotations
 
 import re
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Callable, Dict, Mapping, Optional, Tuple
 
 from torch import Tensor
 
@@ -179,61 +179,69 @@ def _hf_key(k: str) -> str:
 # ------------------------------------------------------------------------------------------------
 # Inverse converters
 # ------------------------------------------------------------------------------------------------
-def to_timm(sd_ours: Mapping[str, Tensor], variant: str) -> Dict[str, Tensor]:
-    """Our layout -> timm ``convnextv2_<variant>`` (1x1-conv MLP weights for atto..nano, GRN (C,))."""
-    conv_mlp = get_variant(variant).name in _CONV_MLP_VARIANTS
+_OURS_DOWNSAMPLE = re.compile(r"^downsample_layers\.(\d+)\.(\d+)\.(.*)$")
+_OURS_BLOCK = re.compile(r"^stages\.(\d+)\.(\d+)\.(\w+)\.(\w+)$")
+
+
+def _from_ours(
+    sd_ours: Mapping[str, Tensor],
+    downsample: Callable[[str, str, str], str],
+    block: Callable[[str, str, str, str, Tensor], Tuple[str, Tensor]],
+    norm_prefix: str,
+    head_prefix: str,
+) -> Dict[str, Tensor]:
+    """Our layout -> a foreign one: our keys parsed once here, named by the format's callbacks
+    (``downsample(stage, index, param)``, ``block(stage, block, module, param, value)``)."""
     out: Dict[str, Tensor] = {}
     for k, v in sd_ours.items():
-        m = re.match(r"^downsample_layers\.(\d+)\.(\d+)\.(.*)$", k)
-        b = re.match(r"^stages\.(\d+)\.(\d+)\.(\w+)\.(\w+)$", k)
-        if m:
-            s, j, p = m.groups()
-            nk = f"stem.{j}.{p}" if s == "0" else f"stages.{s}.downsample.{j}.{p}"
-        elif b:
-            s, i, mod, p = b.groups()
-            if mod == "grn":
-                nk, v = f"stages.{s}.blocks.{i}.mlp.grn.{'weight' if p == 'gamma' else 'bias'}", v.reshape(-1)
-            else:
-                name = {"dwconv": "conv_dw", "pwconv1": "mlp.fc1", "pwconv2": "mlp.fc2"}.get(mod, mod)
-                nk = f"stages.{s}.blocks.{i}.{name}.{p}"
-                if conv_mlp and mod.startswith("pwconv") and p == "weight":
-                    v = v.reshape(*v.shape, 1, 1)
+        if m := _OURS_DOWNSAMPLE.match(k):
+            nk = downsample(*m.groups())
+        elif m := _OURS_BLOCK.match(k):
+            nk, v = block(*m.groups(), v)
         elif k.startswith("norm."):
-            nk = "head.norm." + k[len("norm."):]
+            nk = norm_prefix + k[len("norm."):]
         elif k.startswith("head."):
-            nk = "head.fc." + k[len("head."):]
+            nk = head_prefix + k[len("head."):]
         else:
             nk = k
         out[nk] = v
     return out
+
+
+def to_timm(sd_ours: Mapping[str, Tensor], variant: str) -> Dict[str, Tensor]:
+    """Our layout -> timm ``convnextv2_<variant>`` (1x1-conv MLP weights for atto..nano, GRN (C,))."""
+    conv_mlp = get_variant(variant).name in _CONV_MLP_VARIANTS
+
+    def block(s: str, i: str, mod: str, p: str, v: Tensor) -> Tuple[str, Tensor]:
+        if mod == "grn":
+            return f"stages.{s}.blocks.{i}.mlp.grn.{'weight' if p == 'gamma' else 'bias'}", v.reshape(-1)
+        if conv_mlp and mod.startswith("pwconv") and p == "weight":
+            v = v.reshape(*v.shape, 1, 1)
+        name = {"dwconv": "conv_dw", "pwconv1": "mlp.fc1", "pwconv2": "mlp.fc2"}.get(mod, mod)
+        return f"stages.{s}.blocks.{i}.{name}.{p}", v
+
+    return _from_ours(
+        sd_ours,
+        downsample=lambda s, j, p: f"stem.{j}.{p}" if s == "0" else f"stages.{s}.downsample.{j}.{p}",
+        block=block, norm_prefix="head.norm.", head_prefix="head.fc.",
+    )
 
 
 def to_hf(sd_ours: Mapping[str, Tensor]) -> Dict[str, Tensor]:
     """Our layout -> transformers ``ConvNextV2ForImageClassification`` (GRN kept (1, 1, 1, C))."""
-    out: Dict[str, Tensor] = {}
-    for k, v in sd_ours.items():
-        m = re.match(r"^downsample_layers\.(\d+)\.(\d+)\.(.*)$", k)
-        b = re.match(r"^stages\.(\d+)\.(\d+)\.(\w+)\.(\w+)$", k)
-        if m:
-            s, j, p = m.groups()
-            if s == "0":
-                nk = f"convnextv2.embeddings.{'patch_embeddings' if j == '0' else 'layernorm'}.{p}"
-            else:
-                nk = f"convnextv2.encoder.stages.{s}.downsampling_layer.{j}.{p}"
-        elif b:
-            s, i, mod, p = b.groups()
-            if mod == "grn":
-                p = "weight" if p == "gamma" else "bias"
-            mod = {"norm": "layernorm"}.get(mod, mod)
-            nk = f"convnextv2.encoder.stages.{s}.layers.{i}.{mod}.{p}"
-        elif k.startswith("norm."):
-            nk = "convnextv2.layernorm." + k[len("norm."):]
-        elif k.startswith("head."):
-            nk = "classifier." + k[len("head."):]
-        else:
-            nk = k
-        out[nk] = v
-    return out
+
+    def downsample(s: str, j: str, p: str) -> str:
+        if s == "0":
+            return f"convnextv2.embeddings.{'patch_embeddings' if j == '0' else 'layernorm'}.{p}"
+        return f"convnextv2.encoder.stages.{s}.downsampling_layer.{j}.{p}"
+
+    def block(s: str, i: str, mod: str, p: str, v: Tensor) -> Tuple[str, Tensor]:
+        if mod == "grn":
+            p = "weight" if p == "gamma" else "bias"
+        mod = {"norm": "layernorm"}.get(mod, mod)
+        return f"convnextv2.encoder.stages.{s}.layers.{i}.{mod}.{p}", v
+
+    return _from_ours(sd_ours, downsample, block, norm_prefix="convnextv2.layernorm.", head_prefix="classifier.")
 
 
 def to_authors_sparse(sd_ours: Mapping[str, Tensor]) -> Dict[str, Tensor]:
