@@ -3,6 +3,7 @@
     python benchmarks/inference.py                 # ConvNeXt V2-Tiny 224, batch 16 and batch 1
     python benchmarks/inference.py --variant atto  # another variant
     python benchmarks/inference.py --quick         # smoke mode: atto 64 px, 1 repeat, no compile rows
+    python benchmarks/inference.py --device cuda --batch-size 64   # GPU rows (and --batch-size 256)
 
 All rows use the same random weights (ours converted to timm/HF key layouts) and the same inputs, two
 threads; every row is warmed up first, then rows are timed in interleaved rounds (each round runs
@@ -39,15 +40,25 @@ def _median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> flo
     return statistics.median(times)
 
 
-def gemm_peak(dtype: torch.dtype, n: int, repeats: int) -> float:
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """Waits for queued GPU work, so a timer stops when the kernels finished, not when they were queued."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def gemm_peak(dtype: torch.dtype, n: int, repeats: int, device: torch.device = torch.device("cpu")) -> float:
     """Peak GEMM throughput (GFLOP/s): the fastest of ``repeats`` n x n x n matmuls in ``dtype``."""
-    a = torch.randn(n, n).to(dtype)
-    b = torch.randn(n, n).to(dtype)
+    sync = synchronizer(device)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
     torch.mm(a, b), torch.mm(a, b)
+    sync()
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         torch.mm(a, b)
+        sync()
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best / 1e9
 
@@ -58,8 +69,14 @@ def model_gflops(model: torch.nn.Module, size: int) -> float:
 
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        model(torch.randn(1, 3, size, size))
+        model(torch.randn(1, 3, size, size, device=next(model.parameters()).device))
     return counter.get_total_flops() / 1e9
+
+
+def machine_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}), host {cpu_name()}"
+    return cpu_name()
 
 
 def cpu_name() -> str:
@@ -80,11 +97,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: GPU rows (no ONNX Runtime rows)")
     ap.add_argument("--quick", action="store_true", help="smoke mode: atto at 64 px, 1 repeat, no compile rows")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (slow to start)")
     args = ap.parse_args(argv)
     if args.quick:
         args.variant, args.image_size, args.repeats, args.no_compile = "atto", 64, 1, True
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: torch sees no CUDA device here")
+    if device.type not in ("cpu", "cuda"):
+        ap.error(f"--device must be cpu or cuda, got {args.device!r}")
+    on_gpu = device.type == "cuda"
+    sync = synchronizer(device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -110,8 +135,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                                            layer_norm_eps=1e-6)
     hf_model = transformers.ConvNextV2ForImageClassification(hf_cfg).eval()
     hf_model.load_state_dict(to_hf(sd), strict=False)
+    ours, timm_model, hf_model = ours.to(device), timm_model.to(device), hf_model.to(device)
 
-    xb = torch.randn(bs, 3, size, size)
+    xb = torch.randn(bs, 3, size, size, device=device)
     x1 = xb[:1].clone()
     with torch.no_grad():
         ref_b = ours(xb)
@@ -142,8 +168,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 # One untimed call first: the call right after other rows ran pays for their traces in
                 # caches and oneDNN's primitive cache (seen as 2.5x on timm's compiled batch-1 graph).
                 entry[which](x)
+                sync()
                 t0 = time.perf_counter()
                 entry[which](x)
+                sync()
                 times[i].append(time.perf_counter() - t0)
         return [statistics.median(t) for t in times]
 
@@ -156,19 +184,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"measuring ({args.variant} {size}, batch {bs}, {args.threads} threads, median of {args.repeats}) ...",
           file=sys.stderr, flush=True)
     load_before = os.getloadavg()
-    peak_fp32 = gemm_peak(torch.float32, 2048, max(3, args.repeats))
-    peak_bf16 = gemm_peak(torch.bfloat16, 2048, max(3, args.repeats))
+    peak_n = 8192 if on_gpu else 2048  # a 2048² GEMM is too short to fill a GPU
+    peak_fp32 = gemm_peak(torch.float32, peak_n, max(3, args.repeats), device)
+    peak_bf16 = gemm_peak(torch.bfloat16, peak_n, max(3, args.repeats), device)
 
     # --- peers ---
     add("timm eager", "fp32", inference(timm_model))
     add("HF transformers eager", "fp32", inference(lambda x: hf_model(pixel_values=x).logits))
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "timm.onnx")
-        torch.onnx.export(timm_model, (x1,), path, dynamo=False, opset_version=18, input_names=["input"],
-                          output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-        sess = onnx_session(path, args.threads)
-    add("ONNX Runtime (timm export)", "fp32",
-        lambda x: torch.from_numpy(sess.run(None, {"input": x.numpy()})[0]))
+    if not on_gpu:  # ONNX Runtime is a CPU backend here (onnxruntime, not onnxruntime-gpu)
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "timm.onnx")
+            torch.onnx.export(timm_model, (x1,), path, dynamo=False, opset_version=18, input_names=["input"],
+                              output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+            sess = onnx_session(path, args.threads)
+        add("ONNX Runtime (timm export)", "fp32",
+            lambda x: torch.from_numpy(sess.run(None, {"input": x.numpy()})[0]))
     if not args.no_compile:
         timm_cl = copy.deepcopy(timm_model).to(memory_format=torch.channels_last)
         timm_c = torch.compile(timm_cl)
@@ -178,14 +208,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         def timm_runner(compiled: Callable) -> Runner:
             def run(x: torch.Tensor) -> torch.Tensor:
                 with inductor_config.patch(freezing=True), torch.inference_mode(), \
-                        torch.autocast("cpu", torch.bfloat16):
+                        torch.autocast(device.type, torch.bfloat16):
                     return compiled(x.contiguous(memory_format=torch.channels_last)).float()
             return run
 
         add("timm torch.compile (channels_last, freezing)", "bf16", timm_runner(timm_c), timm_runner(timm_c1))
 
     # --- ours ---
-    backends = [("eager", None), ("eager", "bf16"), ("onnxruntime", None)]
+    backends = [("eager", None), ("eager", "bf16")] + ([] if on_gpu else [("onnxruntime", None)])
     if not args.no_compile:
         backends += [("compile", "fp32"), ("compile", None)]
     for backend, precision in backends:
@@ -213,7 +243,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     timm_ips = rows[0][2]
     timm_ms = rows[0][3]
     best_peer = max(r[2] for r in rows if not r[0].startswith("ours"))
-    print(f"\n### ConvNeXt V2-{args.variant.capitalize()} {size}x{size}, batch {bs} and 1, {args.threads} threads\n")
+    where = machine_name(device) if on_gpu else f"{args.threads} threads"
+    print(f"\n### ConvNeXt V2-{args.variant.capitalize()} {size}x{size}, batch {bs} and 1, {where}\n")
     print("| path | precision | img/s @bs%d | ms @bs1 | vs timm eager (bs%d / bs1) | %% of matmul peak (bs%d) | min cosine vs fp32 |" % (bs, bs, bs))
     print("|---|---|---|---|---|---|---|")
     for name, prec, ips, ms, cos in rows:
@@ -222,13 +253,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"| {name} | {prec} | {ips:.1f} | {ms:.1f} | {ips / timm_ips:.2f}× / {timm_ms / ms:.2f}× | "
               f"{100 * frac:.1f}% | {cos:.6f} |")
     ours_auto = rows[-1][2]
-    print(f"\nmatmul peak (2048² GEMM, same run): fp32 {peak_fp32:.0f} GFLOP/s, bf16 {peak_bf16:.0f} GFLOP/s; "
+    print(f"\nmatmul peak ({peak_n}² GEMM, same run): fp32 {peak_fp32:.0f} GFLOP/s, bf16 {peak_bf16:.0f} GFLOP/s; "
           f"model {gflops:.2f} GFLOP/image")
     print(f"ours auto vs best peer row: {ours_auto / best_peer:.2f}×")
     best1 = min((r for r in rows if r[0].startswith("ours")), key=lambda r: r[3])
     peer1 = min((r for r in rows if not r[0].startswith("ours")), key=lambda r: r[3])
     print(f"batch 1: ours best {best1[3]:.1f} ms ({best1[0]}, {best1[1]}), best peer {peer1[3]:.1f} ms ({peer1[0]})")
-    print(f"machine: {cpu_name()}, {os.cpu_count()} logical CPUs, native bf16: {cpu_has_native_bf16()}, "
+    print(f"machine: {machine_name(device)}, {os.cpu_count()} logical CPUs, native bf16: {cpu_has_native_bf16()}, "
           f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}; load average before/after "
           f"{load_before[0]:.2f}/{load_after[0]:.2f}")
     print(f"versions: python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, "
