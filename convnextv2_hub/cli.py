@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from importlib import resources
 from typing import List, Optional
@@ -58,6 +59,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from .predict import Predictor
 
     images = args.images or [sample_image_path()]
+    # A mistyped path is named before any weights are downloaded (unreadable files are reported per image).
+    missing = [path for path in images if not os.path.exists(path)]
+    if missing:
+        raise FileNotFoundError(f"no such image file: {', '.join(missing)}; check the path(s)")
     model = create(
         args.model,
         pretrained=args.checkpoint_path is None,

@@ -92,3 +92,12 @@ def test_cli_console_script_classifies_bundled_sample(atto_file):
          str(atto_file), "--topk", "1"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[0].endswith("sample.jpg") and "%" in proc.stdout
+
+
+def test_cli_predict_names_missing_image_before_loading_weights(photos, tmp_path, capsys):
+    # The weights path does not exist either: the image check must come first, so no download is started.
+    code = main(["predict", photos[0], str(tmp_path / "typo.jpg"), "--model", "atto",
+                 "--checkpoint-path", str(tmp_path / "absent.safetensors")])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "typo.jpg" in err and "no such image" in err and "absent" not in err
