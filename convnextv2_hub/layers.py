@@ -41,6 +41,10 @@ class GRN(nn.Module):
         gx = torch.linalg.vector_norm(x.float(), ord=2, dim=(1, 2), keepdim=True)
         nx = gx / (gx.mean(dim=-1, keepdim=True) + self.eps)
         scale = (self.gamma * nx + 1.0).to(x.dtype)
+        if not torch.jit.is_scripting() and torch.compiler.is_compiling():
+            # A no-op view that makes inductor store the (N, 1, 1, C) scale once: left to itself it
+            # inlines the sqrt and division into the loop over every position (8% of Tiny's time).
+            scale = torch.as_strided(scale, scale.shape, scale.stride())
         return torch.addcmul(self.beta.to(x.dtype), x, scale)
 
 

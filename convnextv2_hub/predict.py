@@ -10,12 +10,15 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from .model import ConvNeXtV2
+
+if TYPE_CHECKING:
+    from .compiled import CompiledConvNeXtV2
 
 ImageInput = Union[str, os.PathLike, Image.Image]
 
@@ -206,8 +209,9 @@ class Predictor:
       GRN statistics and LayerNorms stay fp32).
     - ``"compile"``: ``torch.compile`` with inductor freezing (weights folded as constants, mkldnn
       GEMMs with fused GELU), channels_last, and the device's fast precision (bf16 on CPUs with
-      AVX512-BF16/AMX and on GPUs). Compiles on the first call (tens of seconds on a CPU) and once per
-      new batch size; ``predict`` pads a final partial batch to ``batch_size`` to avoid a recompile.
+      AVX512-BF16/AMX and on GPUs); on CPUs the early stages run in cache-sized micro-batches
+      (``compiled.CompiledConvNeXtV2``). Compiles on the first call (tens of seconds on a CPU) and once
+      per new batch size; ``predict`` pads a final partial batch to ``batch_size`` to avoid a recompile.
     - ``"onnxruntime"``: the model exported to ONNX (fp32, verified against PyTorch, in memory) and run
       by ONNX Runtime on the CPU.
     - ``"auto"``: the fastest numerically safe path, without ever being slower than eager fp32 overall.
@@ -286,7 +290,7 @@ class Predictor:
             self._model = self._model.to(memory_format=torch.channels_last)
         elif channels_last:
             self._model = self._model.to(memory_format=torch.channels_last)
-        self._compiled: Optional[Callable] = None
+        self._compiled: Optional["CompiledConvNeXtV2"] = None
         self._ort: Any = None
         self._setup_estimate_s = self._estimate_setup()
         # auto's per-batch-size bookkeeping: fp32 time per image, seconds saved, switched or not
@@ -365,14 +369,12 @@ class Predictor:
             return model(self._prepare_input(x, False)).float()
 
     def _run_compiled(self, x: torch.Tensor) -> torch.Tensor:
-        import torch._inductor.config as inductor_config
-
         if self._compiled is None:
-            # dynamic=False: static shapes give inductor its best kernels; a new batch size recompiles.
-            self._compiled = torch.compile(self._model, dynamic=False)
+            from .compiled import CompiledConvNeXtV2
+
+            self._compiled = CompiledConvNeXtV2(self._model)
         self._last_path = f"compile {self.precision}{' channels_last' if self.channels_last else ''}"
-        # freezing is read when a graph is compiled (first call, and per new shape): keep it on for all.
-        with inductor_config.patch(freezing=True), torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self._autocast():
             return self._compiled(self._prepare_input(x, self.channels_last)).float()
 
     def _make_ort(self) -> Any:

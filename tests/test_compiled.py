@@ -1,0 +1,55 @@
+"""The compile backend's micro-batch plan, and its micro-batched segments against eager fp32."""
+import pytest
+import torch
+
+from convnextv2_hub.compiled import CompiledConvNeXtV2, stage_micro_batches
+from convnextv2_hub.model import ConvNeXtV2, convnextv2
+
+
+@pytest.mark.parametrize("n, size, device, expected", [
+    (16, 224, "cpu", [1, 4, 16, 16]),    # stage positions 3136, 784, 196, 49
+    (6, 224, "cpu", [1, 3, 6, 6]),       # largest divisor of the batch within the row budget
+    (1, 224, "cpu", [1, 1, 1, 1]),
+    (16, 384, "cpu", [1, 1, 4, 16]),     # 9216 positions per image in stage 1: still one image
+    (16, 224, "cuda", [16, 16, 16, 16]),  # GPUs run the whole batch
+])
+def test_stage_micro_batches(n, size, device, expected):
+    sizes = stage_micro_batches(n, size, size, device)
+    assert sizes == expected
+    assert all(n % s == 0 for s in sizes)
+
+
+def test_plan_merges_stages_with_the_same_micro_batch():
+    runner = CompiledConvNeXtV2(convnextv2("atto", num_classes=10).eval())
+    x = torch.empty(16, 3, 224, 224)
+    assert runner.plan(x) == [(0, 0, 1), (1, 1, 4), (2, 3, 16)]
+    assert runner.plan(x[:1]) == [(0, 3, 1)]
+
+
+def test_refuses_a_training_or_headless_model():
+    with pytest.raises(ValueError, match="eval-mode"):
+        CompiledConvNeXtV2(convnextv2("atto").train())
+    with pytest.raises(ValueError, match="classifier head"):
+        CompiledConvNeXtV2(convnextv2("atto", features_only=True).eval())
+
+
+def test_micro_batched_segments_match_eager_fp32():
+    torch.manual_seed(0)
+    # Atto's layout with one block per stage (two in stage 3): each compiled graph is a C++ build.
+    model = ConvNeXtV2(depths=(1, 1, 2, 1), dims=(40, 80, 160, 320), num_classes=10).eval()
+    with torch.no_grad():  # every parameter random: GRN's zero init would make it an identity
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    x = torch.randn(4, 3, 64, 64)
+    # 256 rows: stage 1 (16 x 16 positions) one image at a time, the other stages all four at once
+    runner = CompiledConvNeXtV2(model, rows=256)
+    assert runner.plan(x) == [(0, 0, 1), (1, 3, 4)]
+    with torch.inference_mode():
+        ref = model(x)
+        out = runner(x.contiguous(memory_format=torch.channels_last))
+    assert out.shape == (4, 10)
+    assert (out - ref).abs().max() <= 1e-4
+    # Images are independent: each image's logits do not depend on its batch neighbours.
+    with torch.inference_mode():
+        alone = model(x[2:3])
+    assert (out[2:3] - alone).abs().max() <= 1e-4
