@@ -69,7 +69,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         checkpoint_path=args.checkpoint_path,
         num_classes=args.num_classes,
     )
-    predictor = Predictor(model, backend=args.backend, batch_size=args.batch_size)
+    # No batch larger than the images given: a compiled graph for 16 would pad one photo to 16.
+    predictor = Predictor(model, backend=args.backend, batch_size=min(args.batch_size, len(images)))
     preds = predictor.classify(images, topk=args.topk)
     if args.json:
         print(json.dumps(

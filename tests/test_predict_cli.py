@@ -1,4 +1,5 @@
 """predict() and the `convnextv2` command on real photos."""
+import importlib
 import json
 import subprocess
 import sys
@@ -101,3 +102,20 @@ def test_cli_predict_names_missing_image_before_loading_weights(photos, tmp_path
     assert code == 1
     err = capsys.readouterr().err
     assert "typo.jpg" in err and "no such image" in err and "absent" not in err
+
+
+def test_cli_predict_batches_no_more_than_the_images(atto_file, photos, monkeypatch, capsys):
+    predict_module = importlib.import_module("convnextv2_hub.predict")  # cvh.predict is the function
+    sizes = []
+
+    class RecordingPredictor(predict_module.Predictor):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            sizes.append(self.batch_size)
+
+    monkeypatch.setattr(predict_module, "Predictor", RecordingPredictor)
+    common = ["--model", "atto", "--checkpoint-path", str(atto_file), "--backend", "eager"]
+    assert main(["predict", photos[0], photos[1]] + common) == 0  # default --batch-size 16
+    assert main(["predict"] + photos + common + ["--batch-size", "2"]) == 0
+    assert sizes == [2, 2]
+    assert capsys.readouterr().out.count(photos[0]) == 2
