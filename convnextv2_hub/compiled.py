@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Dict, List, Tuple
 
 import torch
+import torch._inductor.config as inductor_config
 from torch import nn
 
 from .model import ConvNeXtV2
@@ -93,8 +94,6 @@ class CompiledConvNeXtV2:
         return self._segments[key]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        import torch._inductor.config as inductor_config
-
         # Read when a graph compiles. freezing: weights folded as constants, prepacked for oneDNN.
         # On CPUs, cpp_wrapper saves the Python call overhead of ~150 kernels per forward, and
         # max_autotune times inductor's own (AMX) GEMM kernels, which fuse GRN's scaling and the
