@@ -56,9 +56,10 @@ def poly_gelu(x: torch.Tensor) -> torch.Tensor:
     """GELU(x) = x * Phi(x) with Phi from ``_PHI_ODD`` on [-4, 4] and relu outside, in fp32.
 
     Max |error| against the exact (erf) GELU: 1.3e-4 over the whole real line, and 3.3e-5 |x| inside
-    [-4, 4]: below the rounding of a bf16 result (2^-9 relative). It is multiply-adds only, which inductor fuses into its AMX GEMM as
-    an epilogue at ~0.1 ns per element; the erf form there costs ~1 ns (a libm-style call per vector),
-    so with it the fastest choice was oneDNN's GEMM + GELU, whose fixed cost per call is ~45 us.
+    [-4, 4]: below the rounding of a bf16 result (2^-9 relative). It is multiply-adds only, which
+    inductor fuses into its AMX GEMM as an epilogue at ~0.1 ns per element; the erf form there costs
+    ~1 ns (a libm-style call per vector), so with it the fastest choice was oneDNN's GEMM + GELU,
+    whose fixed cost per call is ~45 us.
     Tiny on a 2-core AMX Xeon, interleaved A/B runs: 7% faster at batch 1, unchanged at batch 16.
     """
     xf = x.float()

@@ -1,7 +1,6 @@
 """The compile backend's micro-batch plan, and its micro-batched segments against eager fp32."""
 import pytest
 import torch
-
 import torch.nn.functional as F
 
 from convnextv2_hub.compiled import CompiledConvNeXtV2, poly_gelu, stage_micro_batches
