@@ -19,6 +19,7 @@ import torch
 import torch._inductor.config as inductor_config
 from torch import nn
 
+from .layers import stored_once_when_compiled
 from .model import Block, ConvNeXtV2
 
 # Spatial positions per micro-batch: one 224² image at stage 1 (56 x 56), where it measured best
@@ -71,11 +72,9 @@ def poly_gelu(x: torch.Tensor) -> torch.Tensor:
     # Outside [-4, 4] GELU is relu to within 1.3e-4; there the polynomial's fp32 residual at t = -1,
     # times a huge x, would not be (GELU(-inf) must be 0, not inf).
     out = torch.where(xf.abs() < 4.0, xf * (0.5 + t * acc), xf.clamp(min=0.0)).to(x.dtype)
-    if torch.compiler.is_compiling():
-        # Stored once (as GRN's scale is): inlined into its readers, the polynomial would be
-        # evaluated again by the GRN kernel and by the second GEMM instead of in the first one.
-        out = torch.as_strided(out, out.shape, out.stride())
-    return out
+    # Inlined into its readers, the polynomial would be evaluated again by the GRN kernel and by the
+    # second GEMM instead of once in the first GEMM's epilogue.
+    return stored_once_when_compiled(out)
 
 
 def _block_forward(block: Block, x: torch.Tensor) -> torch.Tensor:

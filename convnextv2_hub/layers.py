@@ -6,6 +6,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def stored_once_when_compiled(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself; under ``torch.compile``, through a no-op ``as_strided`` view, which makes inductor
+    write ``x`` to memory once instead of inlining (recomputing) it in every kernel that reads it."""
+    if not torch.jit.is_scripting() and torch.compiler.is_compiling():
+        return torch.as_strided(x, x.shape, x.stride())
+    return x
+
+
 class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channels of an NCHW map (the authors' ``channels_first`` LayerNorm).
 
@@ -41,10 +49,9 @@ class GRN(nn.Module):
         gx = torch.linalg.vector_norm(x.float(), ord=2, dim=(1, 2), keepdim=True)
         nx = gx / (gx.mean(dim=-1, keepdim=True) + self.eps)
         scale = (self.gamma * nx + 1.0).to(x.dtype)
-        if not torch.jit.is_scripting() and torch.compiler.is_compiling():
-            # A no-op view that makes inductor store the (N, 1, 1, C) scale once: left to itself it
-            # inlines the sqrt and division into the loop over every position (8% of Tiny's time).
-            scale = torch.as_strided(scale, scale.shape, scale.stride())
+        # Left to itself, inductor inlines the sqrt and division into the loop over every position
+        # (8% of Tiny's compiled time).
+        scale = stored_once_when_compiled(scale)
         return torch.addcmul(self.beta.to(x.dtype), x, scale)
 
 

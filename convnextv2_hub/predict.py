@@ -207,10 +207,10 @@ class Predictor:
 
     - ``"eager"``: plain PyTorch; fp32 unless ``precision`` says otherwise (bf16/fp16 via autocast,
       GRN statistics and LayerNorms stay fp32).
-    - ``"compile"``: ``torch.compile`` with inductor freezing (weights folded as constants, mkldnn
-      GEMMs with fused GELU), channels_last, and the device's fast precision (bf16 on CPUs with
-      AVX512-BF16/AMX and on GPUs); on CPUs the early stages run in cache-sized micro-batches
-      (``compiled.CompiledConvNeXtV2``). Compiles on the first call (tens of seconds on a CPU) and once
+    - ``"compile"``: ``torch.compile`` with inductor freezing (weights folded as constants),
+      channels_last, and the device's fast precision (bf16 on CPUs with AVX512-BF16/AMX and on
+      GPUs); on CPUs the early stages run in cache-sized micro-batches and GELU is a polynomial
+      fused into inductor's GEMMs (``compiled.CompiledConvNeXtV2``, ``compiled.poly_gelu``). Compiles on the first call (tens of seconds on a CPU) and once
       per new batch size; ``predict`` pads a final partial batch to ``batch_size`` to avoid a recompile.
     - ``"onnxruntime"``: the model exported to ONNX (fp32, verified against PyTorch, in memory) and run
       by ONNX Runtime on the CPU.
