@@ -76,3 +76,27 @@ def test_cpu_segments_use_poly_gelu_and_gpu_segments_the_exact_one():
     assert not runner._segment(0, 3, on_cpu=True)._orig_mod.exact_gelu
     runner._segments.clear()
     assert runner._segment(0, 3, on_cpu=False)._orig_mod.exact_gelu
+
+
+def _random_tiny_model(seed: int) -> ConvNeXtV2:
+    torch.manual_seed(seed)
+    model = ConvNeXtV2(depths=(1, 1, 1, 1), dims=(16, 32, 64, 128), num_classes=5).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    return model
+
+
+def test_runners_of_equal_shape_keep_their_own_graphs_and_recompile_for_a_new_shape():
+    # The compiled segments guard only on the input and the global state, not on the modules: two
+    # runners of the same architecture and input shape must still each run the graph of their own
+    # weights, and a new batch size must compile a new graph rather than reuse one of another shape.
+    models = [_random_tiny_model(seed) for seed in (1, 2)]
+    runners = [CompiledConvNeXtV2(m) for m in models]
+    x = torch.randn(3, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        for _ in range(2):  # the second round runs the cached graphs
+            for model, runner in zip(models, runners):
+                assert (runner(x) - model(x)).abs().max() <= 1e-4
+            assert (runners[0](x[:1]) - models[0](x[:1])).abs().max() <= 1e-4
+        assert (runners[0](x) - runners[1](x)).abs().max() > 1e-2  # the two models really differ
