@@ -26,7 +26,8 @@ from .model import Block, ConvNeXtV2
 # Spatial positions per micro-batch: one 224² image at stage 1 (56 x 56), where it measured best
 # (1, 4 and 16 images tried at stage 1; 1, 4, 8 and 16 at stage 2).
 ROWS_PER_CHUNK = 3136
-# Compiled graphs allowed for _Segment.forward (all predictors of a process together).
+# Compiled graphs allowed per segment (one per input shape and precision); without isolate_recompiles,
+# for _Segment.forward across all predictors of a process. Four times as many across all segments.
 RECOMPILE_LIMIT = 256
 # torch >= 2.14: each torch.compile call can keep its graphs apart from other calls' (isolate_recompiles).
 _CAN_ISOLATE = "isolate_recompiles" in inspect.signature(torch.compile).parameters
@@ -162,7 +163,8 @@ class CompiledConvNeXtV2:
         on_cpu = x.device.type == "cpu"
         cpu_only = {"cpp.enable_floating_point_contract_flag": "fast"} if on_cpu else {}
         # Every segment of every CompiledConvNeXtV2 is one more graph of the one code object
-        # _Segment.forward; dynamo's default limit of 8 per code object would quietly run the rest eagerly.
+        # _Segment.forward; dynamo's default limits (8 per code object or region, 256 in all) would
+        # quietly run the rest eagerly.
         with inductor_config.patch(freezing=True, cpp_wrapper=on_cpu, max_autotune=on_cpu,
                                    max_autotune_gemm_backends="CPP,ATEN", autotune_num_choices_displayed=0,
                                    max_autotune_report_choices_stats=False, **cpu_only), \
