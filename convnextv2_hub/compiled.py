@@ -141,17 +141,16 @@ class CompiledConvNeXtV2:
         if key not in self._segments:
             # dynamic=False: static shapes give inductor its best kernels; a new shape recompiles.
             segment = _Segment(self.model, first, last, exact_gelu=not on_cpu)
+            lean_guards = {}
             if _CAN_ISOLATE:
                 # Guards only on the input's metadata and the global state (grad mode, autocast).
                 # The model is frozen into the graphs, so dynamo's ~1100 guards on its modules and
-                # parameters protect nothing and cost ~0.35 ms per call (Tiny, batch 1: 2%).
-                # What they also did, telling segments of one code object apart, isolate_recompiles
-                # does: each segment looks up only its own graphs.
-                self._segments[key] = torch.compile(
-                    segment, dynamic=False, isolate_recompiles=True, recompile_limit=RECOMPILE_LIMIT,
-                    options={"guard_filter_fn": torch.compiler.keep_portable_guards_unsafe})
-            else:
-                self._segments[key] = torch.compile(segment, dynamic=False)
+                # parameters protect nothing and cost ~0.35 ms per call (Tiny, batch 1: 2%). What they
+                # also did, telling segments of one code object apart, isolate_recompiles does: each
+                # segment looks up only its own graphs. Older torch keeps the full guards.
+                lean_guards = dict(isolate_recompiles=True, recompile_limit=RECOMPILE_LIMIT,
+                                   options={"guard_filter_fn": torch.compiler.keep_portable_guards_unsafe})
+            self._segments[key] = torch.compile(segment, dynamic=False, **lean_guards)
         return self._segments[key]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

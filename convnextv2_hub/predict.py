@@ -210,8 +210,9 @@ class Predictor:
     - ``"compile"``: ``torch.compile`` with inductor freezing (weights folded as constants),
       channels_last, and the device's fast precision (bf16 on CPUs with AVX512-BF16/AMX and on
       GPUs); on CPUs the early stages run in cache-sized micro-batches and GELU is a polynomial
-      fused into inductor's GEMMs (``compiled.CompiledConvNeXtV2``, ``compiled.poly_gelu``). Compiles on the first call (tens of seconds on a CPU) and once
-      per new batch size; ``predict`` pads a final partial batch to ``batch_size`` to avoid a recompile.
+      fused into inductor's GEMMs (``compiled.CompiledConvNeXtV2``, ``compiled.poly_gelu``).
+      Compiles on the first call (tens of seconds on a CPU) and once per new batch size;
+      ``predict`` pads a final partial batch to ``batch_size`` to avoid a recompile.
     - ``"onnxruntime"``: the model exported to ONNX (fp32, verified against PyTorch, in memory) and run
       by ONNX Runtime on the CPU.
     - ``"auto"``: the fastest numerically safe path, without ever being slower than eager fp32 overall.
