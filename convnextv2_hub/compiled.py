@@ -8,8 +8,10 @@ about ``ROWS_PER_CHUNK`` spatial positions (at 224²: stage 1 one image, stage 2
 the whole batch, where larger GEMMs are the faster ones), and consecutive stages with the same
 micro-batch form one segment, compiled once per micro-batch shape. GPUs run the whole batch at once.
 
-On CPUs the blocks' GELU is ``poly_gelu``, a polynomial that inductor fuses into its own AMX GEMM for
-``pwconv1`` (see there); GPUs keep the exact GELU.
+On CPUs the segments run three ops in forms that inductor compiles better, with the same maths: the
+blocks' GELU is ``poly_gelu``, a polynomial fused into inductor's own AMX GEMM for ``pwconv1``; GRN's
+sum of squares goes through partial sums (``grn_two_step``); the 2x2 downsampling convs are GEMMs
+(``downsample_as_linear``). GPUs run the model's own modules.
 """
 from __future__ import annotations
 
@@ -18,9 +20,10 @@ from typing import Dict, List, Tuple
 
 import torch
 import torch._inductor.config as inductor_config
+import torch.nn.functional as F
 from torch import nn
 
-from .layers import stored_once_when_compiled
+from .layers import GRN, stored_once_when_compiled
 from .model import Block, ConvNeXtV2
 
 # Spatial positions per micro-batch: one 224² image at stage 1 (56 x 56), where it measured best
@@ -81,29 +84,72 @@ def poly_gelu(x: torch.Tensor) -> torch.Tensor:
     return stored_once_when_compiled(out)
 
 
+# Positions per partial sum in grn_two_step.
+GRN_PARTIAL_ROWS = 16
+
+
+def grn_two_step(grn: GRN, x: torch.Tensor) -> torch.Tensor:
+    """``grn(x)`` on NHWC ``x``, its spatial sum of squares taken over ``GRN_PARTIAL_ROWS`` consecutive
+    positions first, then over those partial sums.
+
+    Inductor reduces over positions with the channels as its vector lanes, one sweep down the whole
+    tensor per 32 channels: at stage 1 (3136 x 384) twelve strided passes over 2.4 MB, more than the
+    L2 holds. The partial sums read the tensor once, in order. Tiny at batch 1, stage 1's GRN kernel:
+    246 -> 196 us. Shapes whose positions do not split evenly keep the one-step sum.
+    """
+    n, h, w, c = x.shape
+    rows = GRN_PARTIAL_ROWS
+    if (h * w) % rows or h * w < 4 * rows:
+        return grn(x)
+    partial = x.float().reshape(n, h * w // rows, rows, c).square().sum(2)
+    gx = stored_once_when_compiled(partial).sum(1).sqrt().view(n, 1, 1, c)
+    return grn.scale_by_norm(x, gx)
+
+
+def downsample_as_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A downsampling layer between stages (LayerNorm2d, then a k x k conv of stride k) as LayerNorm,
+    space-to-depth and a Linear on an NCHW (channels_last) map.
+
+    The conv's output at each position is a Linear of its k x k input patch. As a Linear it becomes
+    inductor's AMX GEMM with prepacked weights, and the LayerNorm writes straight into the patch
+    layout, where the conv was a oneDNN call with its own setup per call.
+    """
+    norm, conv = layer[0], layer[1]
+    k = conv.kernel_size[0]
+    x = F.layer_norm(x.permute(0, 2, 3, 1), norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    n, h, w, c = x.shape
+    patches = x.reshape(n, h // k, k, w // k, k, c).permute(0, 1, 3, 2, 4, 5)
+    patches = patches.reshape(n, h // k, w // k, k * k * c)
+    weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, k * k * c)
+    return F.linear(patches, weight, conv.bias).permute(0, 3, 1, 2)
+
+
 def _block_forward(block: Block, x: torch.Tensor) -> torch.Tensor:
-    """``Block.forward`` without a mask, with ``poly_gelu`` for the block's GELU."""
+    """``Block.forward`` without a mask, with ``poly_gelu`` and ``grn_two_step``."""
     shortcut = x
     x = block.dwconv(x).permute(0, 2, 3, 1)
     x = poly_gelu(block.pwconv1(block.norm(x)))
-    return shortcut + block.pwconv2(block.grn(x)).permute(0, 3, 1, 2)
+    return shortcut + block.pwconv2(grn_two_step(block.grn, x)).permute(0, 3, 1, 2)
 
 
 class _Segment(nn.Module):
     """Stages ``first``..``last`` of a ConvNeXtV2 (each: downsampling layer + blocks), plus the head
-    when ``last`` is the final stage. Shares the model's parameters."""
+    when ``last`` is the final stage. Shares the model's parameters. ``cpu_forms``: run the ops in
+    the forms of the module docstring instead of the model's own modules."""
 
-    def __init__(self, model: ConvNeXtV2, first: int, last: int, exact_gelu: bool) -> None:
+    def __init__(self, model: ConvNeXtV2, first: int, last: int, cpu_forms: bool) -> None:
         super().__init__()
         self.model = model
         self.first, self.last = first, last
-        self.exact_gelu = exact_gelu
+        self.cpu_forms = cpu_forms
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i in range(self.first, self.last + 1):
-            x = self.model.downsample_layers[i](x)
+            layer = self.model.downsample_layers[i]
+            # Layer 0 is the stem (conv, then LayerNorm), which stays a conv.
+            x = downsample_as_linear(layer, x) if self.cpu_forms and i > 0 else layer(x)
             for block in self.model.stages[i]:
-                x = block(x) if self.exact_gelu else _block_forward(block, x)
+                x = _block_forward(block, x) if self.cpu_forms else block(x)
         return self.model.forward_head(x) if self.last == 3 else x
 
 
@@ -140,7 +186,7 @@ class CompiledConvNeXtV2:
         key = (first, last)
         if key not in self._segments:
             # dynamic=False: static shapes give inductor its best kernels; a new shape recompiles.
-            segment = _Segment(self.model, first, last, exact_gelu=not on_cpu)
+            segment = _Segment(self.model, first, last, cpu_forms=on_cpu)
             lean_guards = {}
             if _CAN_ISOLATE:
                 # Guards only on the input's metadata and the global state (grad mode, autocast).

@@ -47,6 +47,10 @@ class GRN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gx = torch.linalg.vector_norm(x.float(), ord=2, dim=(1, 2), keepdim=True)
+        return self.scale_by_norm(x, gx)
+
+    def scale_by_norm(self, x: torch.Tensor, gx: torch.Tensor) -> torch.Tensor:
+        """GRN's output for ``x`` given its spatial L2 norms ``gx`` (N, 1, 1, C) in fp32."""
         nx = gx / (gx.mean(dim=-1, keepdim=True) + self.eps)
         scale = (self.gamma * nx + 1.0).to(x.dtype)
         # Left to itself, inductor inlines the sqrt and division into the loop over every position

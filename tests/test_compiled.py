@@ -3,7 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from convnextv2_hub.compiled import CompiledConvNeXtV2, poly_gelu, stage_micro_batches
+from convnextv2_hub.compiled import (CompiledConvNeXtV2, downsample_as_linear, grn_two_step, poly_gelu,
+                                     stage_micro_batches)
+from convnextv2_hub.layers import GRN
 from convnextv2_hub.model import ConvNeXtV2, convnextv2
 
 
@@ -71,11 +73,36 @@ def test_poly_gelu_is_within_its_stated_error_of_the_exact_gelu():
     assert poly_gelu(torch.randn(8, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
-def test_cpu_segments_use_poly_gelu_and_gpu_segments_the_exact_one():
+def test_cpu_segments_use_the_cpu_forms_and_gpu_segments_the_models_modules():
     runner = CompiledConvNeXtV2(convnextv2("atto", num_classes=10).eval())
-    assert not runner._segment(0, 3, on_cpu=True)._orig_mod.exact_gelu
+    assert runner._segment(0, 3, on_cpu=True)._orig_mod.cpu_forms
     runner._segments.clear()
-    assert runner._segment(0, 3, on_cpu=False)._orig_mod.exact_gelu
+    assert not runner._segment(0, 3, on_cpu=False)._orig_mod.cpu_forms
+
+
+@pytest.mark.parametrize("size", [16, 8, 14])  # 256 and 64 positions: two steps; 196: the one-step sum
+def test_grn_two_step_equals_grn(size):
+    torch.manual_seed(0)
+    grn = GRN(24)
+    with torch.no_grad():
+        grn.gamma.normal_(0, 1)
+        grn.beta.normal_(0, 1)
+    x = torch.randn(3, size, size, 24) * torch.linspace(0.1, 3, 24)  # channels of unequal norms
+    out = grn_two_step(grn, x)
+    assert out.shape == x.shape
+    assert (out - grn(x)).abs().max() <= 1e-5
+    # Per image: one image's output does not depend on its neighbours.
+    assert (grn_two_step(grn, x[1:2]) - out[1:2]).abs().max() <= 1e-6
+
+
+def test_downsample_as_linear_equals_the_downsampling_layer():
+    model = _random_tiny_model(3)
+    x = torch.randn(2, 16, 12, 10).contiguous(memory_format=torch.channels_last)
+    layer = model.downsample_layers[1]
+    out = downsample_as_linear(layer, x)
+    ref = layer(x)
+    assert out.shape == ref.shape == (2, 32, 6, 5)
+    assert (out - ref).abs().max() <= 1e-5
 
 
 def _random_tiny_model(seed: int) -> ConvNeXtV2:
