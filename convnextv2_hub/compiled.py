@@ -8,10 +8,11 @@ about ``ROWS_PER_CHUNK`` spatial positions (at 224²: stage 1 one image, stage 2
 the whole batch, where larger GEMMs are the faster ones), and consecutive stages with the same
 micro-batch form one segment, compiled once per micro-batch shape. GPUs run the whole batch at once.
 
-On CPUs the segments run three ops in forms that inductor compiles better, with the same maths: the
-blocks' GELU is ``poly_gelu``, a polynomial fused into inductor's own AMX GEMM for ``pwconv1``; GRN's
-sum of squares goes through partial sums (``grn_two_step``); the 2x2 downsampling convs are GEMMs
-(``downsample_as_linear``). GPUs run the model's own modules.
+On CPUs the segments run three ops in forms that inductor compiles better: the blocks' GELU is
+``poly_gelu``, a polynomial (within 1.3e-4 of the exact GELU) fused into inductor's own AMX GEMM for
+``pwconv1``; GRN's sum of squares goes through partial sums (``grn_two_step``) and the 2x2 downsampling
+convs are GEMMs (``downsample_as_linear``), both equal to the modules up to rounding. GPUs run the
+model's own modules.
 """
 from __future__ import annotations
 
