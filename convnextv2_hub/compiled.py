@@ -11,8 +11,9 @@ micro-batch form one segment, compiled once per micro-batch shape. GPUs run the 
 On CPUs the segments run three ops in forms that inductor compiles better: the blocks' GELU is
 ``poly_gelu``, a polynomial (within 1.3e-4 of the exact GELU) fused into inductor's own AMX GEMM for
 ``pwconv1``; GRN's sum of squares goes through partial sums (``grn_two_step``) and the 2x2 downsampling
-convs are GEMMs (``downsample_as_linear``), both equal to the modules up to rounding. GPUs run the
-model's own modules.
+convs are GEMMs (``downsample_as_linear``), both equal to the modules up to rounding; the blocks'
+depthwise convs run our C++ kernel (``native.dwconv7x7``) when it builds. GPUs run the model's own
+modules.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import torch._inductor.config as inductor_config
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
 from .layers import GRN, stored_once_when_compiled
 from .model import Block, ConvNeXtV2
 
@@ -125,10 +127,11 @@ def downsample_as_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.linear(patches, weight, conv.bias).permute(0, 3, 1, 2)
 
 
-def _block_forward(block: Block, x: torch.Tensor) -> torch.Tensor:
-    """``Block.forward`` without a mask, with ``poly_gelu`` and ``grn_two_step``."""
+def _block_forward(block: Block, x: torch.Tensor, own_dwconv: bool) -> torch.Tensor:
+    """``Block.forward`` without a mask, with ``poly_gelu``, ``grn_two_step`` and, if ``own_dwconv``,
+    the depthwise conv as ``native.dwconv7x7``."""
     shortcut = x
-    x = block.dwconv(x).permute(0, 2, 3, 1)
+    x = (native.dwconv7x7(block.dwconv, x) if own_dwconv else block.dwconv(x)).permute(0, 2, 3, 1)
     x = poly_gelu(block.pwconv1(block.norm(x)))
     return shortcut + block.pwconv2(grn_two_step(block.grn, x)).permute(0, 3, 1, 2)
 
@@ -143,6 +146,8 @@ class _Segment(nn.Module):
         self.model = model
         self.first, self.last = first, last
         self.cpu_forms = cpu_forms
+        # Built (or found in its cache) here, before tracing: the graph then calls the loaded op.
+        self.own_dwconv = cpu_forms and native.load()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i in range(self.first, self.last + 1):
@@ -150,7 +155,7 @@ class _Segment(nn.Module):
             # Layer 0 is the stem (conv, then LayerNorm), which stays a conv.
             x = downsample_as_linear(layer, x) if self.cpu_forms and i > 0 else layer(x)
             for block in self.model.stages[i]:
-                x = _block_forward(block, x) if self.cpu_forms else block(x)
+                x = _block_forward(block, x, self.own_dwconv) if self.cpu_forms else block(x)
         return self.model.forward_head(x) if self.last == 3 else x
 
 
