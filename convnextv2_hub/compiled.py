@@ -12,8 +12,8 @@ On CPUs the segments run three ops in forms that inductor compiles better: the b
 ``poly_gelu``, a polynomial (within 1.3e-4 of the exact GELU) fused into inductor's own AMX GEMM for
 ``pwconv1``; GRN's sum of squares goes through partial sums (``grn_two_step``) and the 2x2 downsampling
 convs are GEMMs (``downsample_as_linear``), both equal to the modules up to rounding; the blocks'
-depthwise convs run our C++ kernel (``native.dwconv7x7``) when it builds. GPUs run the model's own
-modules.
+depthwise conv and LayerNorm run as one C++ kernel of ours (``native.dwconv7x7_layernorm``) when it
+builds. GPUs run the model's own modules.
 """
 from __future__ import annotations
 
@@ -129,10 +129,13 @@ def downsample_as_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _block_forward(block: Block, x: torch.Tensor, own_dwconv: bool) -> torch.Tensor:
     """``Block.forward`` without a mask, with ``poly_gelu``, ``grn_two_step`` and, if ``own_dwconv``,
-    the depthwise conv as ``native.dwconv7x7``."""
+    the depthwise conv and LayerNorm as ``native.dwconv7x7_layernorm``."""
     shortcut = x
-    x = (native.dwconv7x7(block.dwconv, x) if own_dwconv else block.dwconv(x)).permute(0, 2, 3, 1)
-    x = poly_gelu(block.pwconv1(block.norm(x)))
+    if own_dwconv:
+        x = native.dwconv7x7_layernorm(block.dwconv, block.norm, x)
+    else:
+        x = block.norm(block.dwconv(x).permute(0, 2, 3, 1))
+    x = poly_gelu(block.pwconv1(x))
     return shortcut + block.pwconv2(grn_two_step(block.grn, x)).permute(0, 3, 1, 2)
 
 
