@@ -210,8 +210,9 @@ class Predictor:
     - ``"compile"``: ``torch.compile`` with inductor freezing (weights folded as constants),
       channels_last, and the device's fast precision (bf16 on CPUs with AVX512-BF16/AMX and on
       GPUs); on CPUs the early stages run in cache-sized micro-batches, GELU is a polynomial fused
-      into inductor's GEMMs, GRN's sum of squares runs in two steps and the downsampling convs as
-      GEMMs (``compiled.CompiledConvNeXtV2`` and its module docstring).
+      into inductor's GEMMs, GRN's sum of squares runs in two steps, the downsampling convs as
+      GEMMs, and each block's depthwise conv + LayerNorm as one C++ kernel of ours, built on first
+      use (``compiled.CompiledConvNeXtV2``, ``native`` and their module docstrings).
       Compiles on the first call (tens of seconds on a CPU) and once per new batch size;
       ``predict`` pads a final partial batch to ``batch_size`` to avoid a recompile.
     - ``"onnxruntime"``: the model exported to ONNX (fp32, verified against PyTorch, in memory) and run
