@@ -4,9 +4,9 @@ One so far: ``convnextv2_hub::dwconv7x7_layernorm`` (``csrc/dwconv7x7_layernorm.
 depthwise conv and LayerNorm in one pass, for the compiled CPU graphs. The library is built once per
 (source, torch version, compiler, flags) into ``$TORCH_EXTENSIONS_DIR/convnextv2_hub`` (default
 ``~/.cache/torch_extensions/convnextv2_hub``), where torch keeps its own C++ extensions, and loaded
-with ``torch.ops.load_library``. torch.compile
-on a CPU needs the same compiler, so wherever the compiled path runs this builds too; if the build
-fails anyway, ``load()`` returns False with a warning once, and the callers keep oneDNN's conv.
+with ``torch.ops.load_library``. torch.compile on a CPU needs the same compiler, so wherever the
+compiled path runs this builds too; if the build fails anyway, ``load()`` returns False with a
+warning once, and the callers keep oneDNN's conv.
 ``CONVNEXTV2_HUB_NATIVE=0`` turns the kernels off.
 """
 from __future__ import annotations

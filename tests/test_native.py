@@ -13,7 +13,8 @@ from torch import nn
 from convnextv2_hub import native
 
 has_compiler = shutil.which(os.environ.get("CXX", "c++")) is not None
-needs_kernel = pytest.mark.skipif(not has_compiler or not native.load(), reason="no C++ compiler to build it")
+# Only a missing compiler skips: where there is one, a kernel that fails to build fails these tests.
+needs_kernel = pytest.mark.skipif(not has_compiler, reason="no C++ compiler to build the kernel")
 
 
 def block_start(channels: int, seed: int = 0) -> tuple:
@@ -37,6 +38,7 @@ def reference(conv: nn.Conv2d, norm: nn.LayerNorm, x: torch.Tensor) -> torch.Ten
 @pytest.mark.parametrize("n, c, h, w", [(1, 96, 56, 56), (2, 40, 9, 13), (3, 20, 7, 7), (2, 48, 14, 16),
                                         (1, 16, 4, 4), (1, 768, 7, 7)])
 def test_dwconv7x7_layernorm_equals_the_modules_in_fp32(n, c, h, w):
+    assert native.load()
     conv, norm = block_start(c)
     x = torch.randn(n, c, h, w)
     with torch.no_grad():
@@ -50,6 +52,7 @@ def test_dwconv7x7_layernorm_equals_the_modules_in_fp32(n, c, h, w):
 
 @needs_kernel
 def test_dwconv7x7_layernorm_in_bf16_is_the_fp32_result_rounded_once():
+    assert native.load()
     conv, norm = block_start(40)
     x = torch.randn(2, 40, 14, 14)
     with torch.no_grad():
