@@ -9,9 +9,9 @@ All rows use the same random weights (ours converted to timm/HF key layouts) and
 threads; every row is warmed up first, then rows are timed in interleaved rounds (each round runs
 every row once untimed, then times one call at batch 16 and three consecutive calls at batch 1) and each
 row reports the median of its timed calls (``--repeats`` rounds at batch 16, twice as many at batch 1).
-Each row reports img/s at batch 16, ms at
-batch 1, its ratio to timm eager fp32, and the fraction of the machine's matmul peak it reaches (fp32
-rows against the fp32 GEMM peak, bf16 rows against the bf16 peak), both peaks measured in this run.
+Each row reports img/s at batch 16, ms at batch 1, its ratio to timm eager fp32, and the fraction of the
+machine's matmul peak it reaches (fp32 rows against the fp32 GEMM peak, bf16 rows against the bf16 peak),
+both peaks measured in this run.
 """
 from __future__ import annotations
 

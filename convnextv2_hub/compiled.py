@@ -127,11 +127,11 @@ def downsample_as_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.linear(patches, weight, conv.bias).permute(0, 3, 1, 2)
 
 
-def _block_forward(block: Block, x: torch.Tensor, own_dwconv: bool) -> torch.Tensor:
-    """``Block.forward`` without a mask, with ``poly_gelu``, ``grn_two_step`` and, if ``own_dwconv``,
-    the depthwise conv and LayerNorm as ``native.dwconv7x7_layernorm``."""
+def _block_forward(block: Block, x: torch.Tensor, dwconv_ln_kernel: bool) -> torch.Tensor:
+    """``Block.forward`` without a mask, with ``poly_gelu``, ``grn_two_step`` and, if
+    ``dwconv_ln_kernel``, the depthwise conv and LayerNorm as ``native.dwconv7x7_layernorm``."""
     shortcut = x
-    if own_dwconv:
+    if dwconv_ln_kernel:
         x = native.dwconv7x7_layernorm(block.dwconv, block.norm, x)
     else:
         x = block.norm(block.dwconv(x).permute(0, 2, 3, 1))
@@ -150,7 +150,7 @@ class _Segment(nn.Module):
         self.first, self.last = first, last
         self.cpu_forms = cpu_forms
         # Built (or found in its cache) here, before tracing: the graph then calls the loaded op.
-        self.own_dwconv = cpu_forms and native.load()
+        self.dwconv_ln_kernel = cpu_forms and native.load()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i in range(self.first, self.last + 1):
@@ -158,7 +158,7 @@ class _Segment(nn.Module):
             # Layer 0 is the stem (conv, then LayerNorm), which stays a conv.
             x = downsample_as_linear(layer, x) if self.cpu_forms and i > 0 else layer(x)
             for block in self.model.stages[i]:
-                x = _block_forward(block, x, self.own_dwconv) if self.cpu_forms else block(x)
+                x = _block_forward(block, x, self.dwconv_ln_kernel) if self.cpu_forms else block(x)
         return self.model.forward_head(x) if self.last == 3 else x
 
 

@@ -3,9 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from convnextv2_hub import native
 from convnextv2_hub.compiled import (CompiledConvNeXtV2, downsample_as_linear, grn_two_step, poly_gelu,
                                      stage_micro_batches)
-from convnextv2_hub import native
 from convnextv2_hub.layers import GRN
 from convnextv2_hub.model import ConvNeXtV2, convnextv2
 
@@ -77,10 +77,10 @@ def test_poly_gelu_is_within_its_stated_error_of_the_exact_gelu():
 def test_cpu_segments_use_the_cpu_forms_and_gpu_segments_the_models_modules():
     runner = CompiledConvNeXtV2(convnextv2("atto", num_classes=10).eval())
     cpu = runner._segment(0, 3, on_cpu=True)._orig_mod
-    assert cpu.cpu_forms and cpu.own_dwconv == native.load()
+    assert cpu.cpu_forms and cpu.dwconv_ln_kernel == native.load()
     runner._segments.clear()
     gpu = runner._segment(0, 3, on_cpu=False)._orig_mod
-    assert not gpu.cpu_forms and not gpu.own_dwconv
+    assert not gpu.cpu_forms and not gpu.dwconv_ln_kernel
 
 
 @pytest.mark.parametrize("size", [16, 8, 14])  # 256 and 64 positions: two steps; 196: the one-step sum
