@@ -117,11 +117,14 @@ def _expand(path: str) -> str:
     return os.path.expandvars(os.path.expanduser(path))
 
 
+def user_cache_dir() -> Path:
+    """``XDG_CACHE_HOME``, else ``~/.cache``: the root the Hugging Face and torch caches default to."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"))
+
+
 def _hf_home() -> Path:
     """``HF_HOME`` resolved the way huggingface_hub.constants does it, but from the current environment."""
-    default = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-                           "huggingface")
-    return Path(_expand(os.environ.get("HF_HOME") or default))
+    return Path(_expand(os.environ.get("HF_HOME") or str(user_cache_dir() / "huggingface")))
 
 
 def hub_cache_dir() -> Path:

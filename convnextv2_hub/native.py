@@ -25,6 +25,8 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+from .download import user_cache_dir
+
 SOURCE = Path(__file__).with_name("csrc") / "dwconv7x7_layernorm.cpp"
 
 torch.library.define("convnextv2_hub::dwconv7x7_layernorm",
@@ -41,7 +43,13 @@ def _dwconv7x7_layernorm_shape(x: torch.Tensor, weight: torch.Tensor, bias: torc
 _loaded: Optional[bool] = None
 
 
-def _compile_command(output: Path) -> List[str]:
+def compiler() -> str:
+    """The C++ compiler the kernels are built with: ``$CXX``, else ``c++``."""
+    return os.environ.get("CXX", "c++")
+
+
+def _compile_command() -> List[str]:
+    """The build command, less its ``-o <output>``."""
     torch_dir = Path(torch.__file__).parent
     torch_lib = torch_dir / "lib"
     flags = ["-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp",  # OpenMP: at::parallel_for's threads
@@ -52,18 +60,17 @@ def _compile_command(output: Path) -> List[str]:
     else:
         flags += ["-mcpu=native"]
     includes = [f"-I{torch_dir / 'include'}", f"-I{torch_dir / 'include' / 'torch' / 'csrc' / 'api' / 'include'}"]
-    return ([os.environ.get("CXX", "c++"), *flags, *includes, str(SOURCE), "-o", str(output),
-             f"-L{torch_lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}"])
+    return [compiler(), *flags, *includes, str(SOURCE), f"-L{torch_lib}", "-lc10", "-ltorch_cpu",
+            f"-Wl,-rpath,{torch_lib}"]
 
 
 def _library_path(command: List[str]) -> Path:
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "torch_extensions")
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or str(user_cache_dir() / "torch_extensions")
     key = hashlib.sha256()
     key.update(SOURCE.read_bytes())
     key.update(" ".join([torch.__version__, sys.version, *command]).encode())
-    compiler = shutil.which(command[0]) or command[0]
-    key.update(subprocess.run([compiler, "--version"], capture_output=True, check=True).stdout)
+    executable = shutil.which(command[0]) or command[0]
+    key.update(subprocess.run([executable, "--version"], capture_output=True, check=True).stdout)
     return Path(root) / "convnextv2_hub" / f"dwconv7x7_layernorm-{key.hexdigest()[:16]}.so"
 
 
@@ -74,7 +81,8 @@ def load() -> bool:
         _loaded = False
         if os.environ.get("CONVNEXTV2_HUB_NATIVE", "1") != "0":
             try:
-                path = _library_path(_compile_command(Path("OUTPUT")))
+                command = _compile_command()
+                path = _library_path(command)
                 if not path.exists():
                     path.parent.mkdir(parents=True, exist_ok=True)
                     # Built next to its final name and renamed: a process reading the cache never
@@ -82,8 +90,7 @@ def load() -> bool:
                     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
                     os.close(fd)
                     try:
-                        subprocess.run(_compile_command(Path(tmp)), capture_output=True, text=True,
-                                       check=True)
+                        subprocess.run([*command, "-o", tmp], capture_output=True, text=True, check=True)
                         os.replace(tmp, path)
                     finally:
                         if os.path.exists(tmp):

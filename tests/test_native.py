@@ -7,12 +7,11 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from convnextv2_hub import native
 
-has_compiler = shutil.which(os.environ.get("CXX", "c++")) is not None
+has_compiler = shutil.which(native.compiler()) is not None
 # Only a missing compiler skips: where there is one, a kernel that fails to build fails these tests.
 needs_kernel = pytest.mark.skipif(not has_compiler, reason="no C++ compiler to build the kernel")
 
