@@ -1,7 +1,7 @@
 """torch.hub entry points: ``torch.hub.load("<owner>/convnextv2-hub", "convnextv2_tiny", pretrained=True)``."""
 dependencies = ["torch", "torchvision", "huggingface_hub", "safetensors", "PIL"]
 
-from convnextv2_hub.hub import create as _create  # noqa: E402
+from convnextv2_hub.models.factory import create as _create  # noqa: E402
 
 
 def _entry(variant: str):

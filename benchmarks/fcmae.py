@@ -36,7 +36,7 @@ MODES = ("dense", "dense-cl", "sparse")
 def _worker(args: argparse.Namespace) -> Dict[str, float]:
     import torch
 
-    from convnextv2_hub.fcmae import FCMAE
+    from convnextv2_hub.models.fcmae import FCMAE
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -120,10 +120,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     import transformers
 
     import onnxruntime as ort
-    from convnextv2_hub.convert import to_hf, to_timm
-    from convnextv2_hub.export import onnx_session
-    from convnextv2_hub.model import convnextv2
-    from convnextv2_hub.predict import Predictor, cpu_has_native_bf16
+    from convnextv2_hub.checkpoints.io import to_hf, to_timm
+    from convnextv2_hub.inference.onnx_runtime import onnx_session
+    from convnextv2_hub.models.convnextv2 import convnextv2
+    from convnextv2_hub.inference.predictor import Predictor, cpu_has_native_bf16
 
     size, bs = args.image_size, args.batch_size
     ours = convnextv2(args.variant).eval()

@@ -59,7 +59,7 @@ def main() -> None:
     import timm
     from timm.optim._param_groups import param_groups_layer_decay
 
-    from convnextv2_hub.model import convnextv2
+    from convnextv2_hub.models.convnextv2 import convnextv2
     from convnextv2_hub.train.optim import param_groups
 
     dev = torch.device(a.device)

@@ -4,34 +4,35 @@
 >>> model = cvh.create("tiny", pretrained=True)
 >>> cvh.predict(model, ["cat.jpg"], topk=5)
 
-Most attributes are imported on first use, so ``import convnextv2_hub`` stays cheap (no torchvision,
-onnxruntime or huggingface_hub until a function needs them) and never touches the network.
+Every attribute is imported on first use, so ``import convnextv2_hub`` loads neither torch nor anything
+else heavy and never touches the network. The subpackages name the parts: ``models``, ``checkpoints``,
+``preprocessing``, ``inference``, ``analysis``, ``train`` and ``cli``.
 """
 from importlib import import_module
 from typing import Any
 
-# Eager on purpose: the function ``predict`` shares its name with the submodule ``predict``, and importing
-# that submodule later (the CLI does) would rebind ``convnextv2_hub.predict`` to the module.
-from .predict import Predictor, predict  # noqa: F401
+from . import compat
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "create": "hub",
-    "ConvNeXtV2": "model",
-    "convnextv2": "model",
-    "Checkpoint": "manifest",
-    "get_checkpoint": "manifest",
-    "list_checkpoints": "manifest",
-    "list_models": "manifest",
-    "load_checkpoint": "convert",
-    "save_checkpoint": "convert",
-    "create_transform": "transforms",
-    "export_onnx": "export",
-    "export_torchscript": "export",
+    "create": "models.factory",
+    "ConvNeXtV2": "models.convnextv2",
+    "convnextv2": "models.convnextv2",
+    "Checkpoint": "checkpoints.registry",
+    "get_checkpoint": "checkpoints.registry",
+    "list_checkpoints": "checkpoints.registry",
+    "list_models": "checkpoints.registry",
+    "load_checkpoint": "checkpoints.io",
+    "save_checkpoint": "checkpoints.io",
+    "create_transform": "preprocessing.transforms",
+    "predict": "inference.predictor",
+    "Predictor": "inference.predictor",
+    "export_onnx": "inference.export",
+    "export_torchscript": "inference.export",
 }
 
-__all__ = sorted([*_EXPORTS, "predict", "Predictor"])
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
@@ -44,3 +45,6 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list:
     return sorted(list(globals()) + __all__)
+
+
+compat.install(__name__, _EXPORTS)

@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 from typing import List, Optional
 
-from convnextv2_hub.cli import sample_image_path
-from convnextv2_hub.hub import create
-from convnextv2_hub.predict import predict
+from convnextv2_hub.cli.main import sample_image_path
+from convnextv2_hub.models.factory import create
+from convnextv2_hub.inference.predictor import predict
 
 
 def main(argv: Optional[List[str]] = None) -> int:

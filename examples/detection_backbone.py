@@ -34,8 +34,8 @@ from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from convnextv2_hub.hub import create
-from convnextv2_hub.layers import LayerNorm2d
+from convnextv2_hub.models.factory import create
+from convnextv2_hub.models.layers import LayerNorm2d
 from convnextv2_hub.train.optim import param_groups
 
 COCO_RECIPE = {

@@ -3,7 +3,7 @@
     python examples/export_onnx.py --model tiny.fcmae_ft_in1k --out tiny.onnx cat.jpg
     python examples/export_onnx.py --model atto --checkpoint-path atto.safetensors --image-size 64 --out a.onnx
 
-``convnextv2_hub.export.export_onnx`` writes the file only after checking it against PyTorch (max
+``convnextv2_hub.inference.export.export_onnx`` writes the file only after checking it against PyTorch (max
 |logit difference| <= 1e-4 and the same top-1 at batch 1 and 3), and stores the checkpoint's
 preprocessing and label names in the ONNX metadata. The deployment half below needs only
 onnxruntime, numpy and Pillow: it reads that metadata, preprocesses with PIL exactly as the
@@ -27,8 +27,8 @@ _PIL_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest"
 
 def export(model_name: str, checkpoint_path: Optional[str], out: Path, image_size: Optional[int]) -> None:
     """The PyTorch half: build the model and write a verified ONNX file."""
-    from convnextv2_hub.export import export_onnx
-    from convnextv2_hub.hub import create
+    from convnextv2_hub.inference.export import export_onnx
+    from convnextv2_hub.models.factory import create
 
     model = create(model_name, pretrained=checkpoint_path is None, checkpoint_path=checkpoint_path)
     export_onnx(model, out, image_size=image_size, overwrite=True, verbose=True)
@@ -84,7 +84,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.image:
         path = args.image
     else:
-        from convnextv2_hub.cli import sample_image_path
+        from convnextv2_hub.cli.main import sample_image_path
 
         path = sample_image_path()
     with Image.open(path) as img:

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from convnextv2_hub.cli import sample_image_path
-from convnextv2_hub.hub import create
-from convnextv2_hub.transforms import eval_transform, to_rgb
+from convnextv2_hub.cli.main import sample_image_path
+from convnextv2_hub.models.factory import create
+from convnextv2_hub.preprocessing.transforms import eval_transform, to_rgb
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -18,9 +18,9 @@ import json
 from pathlib import Path
 from typing import List, Optional
 
-from convnextv2_hub.hub import create
-from convnextv2_hub.image_folder import list_images
-from convnextv2_hub.predict import predict
+from convnextv2_hub.models.factory import create
+from convnextv2_hub.preprocessing.image_folder import list_images
+from convnextv2_hub.inference.predictor import predict
 from convnextv2_hub.train.config import resolve
 from convnextv2_hub.train.engine import Run, train
 

@@ -22,11 +22,11 @@ from typing import List, Optional
 import torch
 from PIL import Image
 
-from convnextv2_hub.convert import save_checkpoint
-from convnextv2_hub.fcmae import FCMAE
-from convnextv2_hub.hub import create
-from convnextv2_hub.image_folder import list_images
-from convnextv2_hub.transforms import train_transform
+from convnextv2_hub.checkpoints.io import save_checkpoint
+from convnextv2_hub.models.fcmae import FCMAE
+from convnextv2_hub.models.factory import create
+from convnextv2_hub.preprocessing.image_folder import list_images
+from convnextv2_hub.preprocessing.transforms import train_transform
 
 
 class Images(torch.utils.data.Dataset):

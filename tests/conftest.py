@@ -1,10 +1,23 @@
-"""Fixtures shared by several test files."""
-from pathlib import Path
-from typing import List, Sequence
+"""Fixtures and helpers shared by several test files: thread count, real photos, loopback HTTP servers
+(a mock Hugging Face Hub and a static file server) and a clean Hugging Face environment."""
+from __future__ import annotations
 
+import hashlib
+import http.server
+import socket
+import threading
+from pathlib import Path
+from typing import Callable, List, Sequence
+
+import huggingface_hub.constants
 import pytest
 import torch
 from PIL import Image
+
+from convnextv2_hub.checkpoints.download import TIMEOUT_ENV
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+SERVER_LIFETIME_S = 60.0  # every server stops by itself after this, even if a test forgets to
 
 
 @pytest.fixture(scope="module")
@@ -30,3 +43,137 @@ def write_skimage_photos(folder: Path, names: Sequence[str]) -> List[str]:
         Image.fromarray(getattr(skimage_data, name)()).save(p)
         paths.append(str(p))
     return paths
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loopback HTTP servers
+# ----------------------------------------------------------------------------------------------------------
+
+
+class LoopbackServer:
+    """http.server on 127.0.0.1:0 in a daemon thread; records (method, path) of every request it handles."""
+
+    def __init__(self, respond: Callable[[http.server.BaseHTTPRequestHandler, str], None]) -> None:
+        self.requests: list[tuple[str, str]] = []
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _handle(self, method: str) -> None:
+                owner.requests.append((method, self.path))
+                respond(self, method)
+
+            def do_HEAD(self) -> None:
+                self._handle("HEAD")
+
+            def do_GET(self) -> None:
+                self._handle("GET")
+
+            def log_message(self, *args: object) -> None:  # keep test output quiet
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
+        self._thread.start()
+        self._timer = threading.Timer(SERVER_LIFETIME_S, self.httpd.shutdown)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def close(self) -> None:
+        self._timer.cancel()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def hub_responder(files: dict[tuple[str, str], bytes]) -> Callable[[http.server.BaseHTTPRequestHandler, str], None]:
+    """Answer like huggingface.co's /resolve endpoint for small (non-LFS-redirected) files."""
+    repos = {repo for repo, _ in files}
+
+    def respond(handler: http.server.BaseHTTPRequestHandler, method: str) -> None:
+        path = handler.path.split("?", 1)[0]
+        repo, sep, rest = path.lstrip("/").partition("/resolve/")
+        revision, _, filename = rest.partition("/")
+        body = files.get((repo, filename)) if sep and revision in ("main", COMMIT) else None
+        if body is None:
+            code = "EntryNotFound" if repo in repos else "RepoNotFound"
+            handler.send_response(404)
+            handler.send_header("X-Error-Code", code)
+            handler.send_header("X-Error-Message", f"{code} (mock hub)")
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+            return
+        handler.send_response(200)
+        handler.send_header("X-Repo-Commit", COMMIT)
+        handler.send_header("ETag", f'"{hashlib.sha256(body).hexdigest()}"')
+        handler.send_header("Content-Length", str(len(body)))
+        handler.send_header("Content-Type", "application/octet-stream")
+        handler.end_headers()
+        if method == "GET":
+            handler.wfile.write(body)
+
+    return respond
+
+
+Responder = Callable[[http.server.BaseHTTPRequestHandler, str], None]
+
+
+def file_responder(routes: dict[str, bytes], truncate: bool = False) -> Responder:
+    """Plain static-file server (like dl.fbaipublicfiles.com); ``truncate`` drops the connection mid-body."""
+
+    def respond(handler: http.server.BaseHTTPRequestHandler, method: str) -> None:
+        body = routes.get(handler.path)
+        if body is None:
+            handler.send_response(404)
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+            return
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        if method == "GET":
+            handler.wfile.write(body[: len(body) // 2] if truncate else body)
+            if truncate:
+                handler.wfile.flush()
+                handler.close_connection = True
+                handler.connection.shutdown(socket.SHUT_RDWR)
+
+    return respond
+
+
+@pytest.fixture
+def servers():
+    started: list[LoopbackServer] = []
+
+    def start(respond: Callable[[http.server.BaseHTTPRequestHandler, str], None]) -> LoopbackServer:
+        server = LoopbackServer(respond)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.close()
+
+
+SCRUBBED_ENV = ("HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_ENDPOINT", "HF_HUB_OFFLINE",
+             "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HF_HUB_ETAG_TIMEOUT", "XDG_CACHE_HOME", TIMEOUT_ENV,
+             "http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
+
+
+@pytest.fixture
+def hf_env(tmp_path, monkeypatch) -> Path:
+    """A fresh HF_HOME, set *after* huggingface_hub was imported (as a user would), loopback never proxied."""
+    for name in SCRUBBED_ENV:
+        monkeypatch.delenv(name, raising=False)
+    home = tmp_path / "hf_home"
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv(TIMEOUT_ENV, "5")
+    # The runner's own HF_HUB_OFFLINE, captured by huggingface_hub at import, must not leak into these tests.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    return home

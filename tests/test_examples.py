@@ -26,8 +26,8 @@ def _example(name: str):
 
 @pytest.fixture(scope="module")
 def atto_file(tmp_path_factory):
-    from convnextv2_hub.convert import save_checkpoint
-    from convnextv2_hub.hub import create
+    from convnextv2_hub.checkpoints.io import save_checkpoint
+    from convnextv2_hub.models.factory import create
 
     torch.manual_seed(0)
     model = create("atto")
@@ -145,8 +145,8 @@ def test_export_onnx_and_pil_only_preprocessing(atto_file, photos, tmp_path, cap
 
     # The PIL-only preprocessing equals the package's transform for this checkpoint, on non-square
     # photos (portrait and landscape), and ORT's logits equal PyTorch's on it.
-    from convnextv2_hub.hub import create
-    from convnextv2_hub.transforms import eval_transform
+    from convnextv2_hub.models.factory import create
+    from convnextv2_hub.preprocessing.transforms import eval_transform
 
     tf = eval_transform(meta["resolution"], meta["crop_pct"], meta["crop_mode"], meta["interpolation"],
                         meta["mean"], meta["std"])

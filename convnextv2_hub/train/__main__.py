@@ -1,7 +1,7 @@
 """``python -m convnextv2_hub.train ...``: the form ``torchrun ... -m convnextv2_hub.train`` launches."""
 import sys
 
-from .cli import main
+from ..cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

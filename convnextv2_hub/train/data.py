@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import v2
 
-from ..image_folder import IMAGE_EXTENSIONS
+from ..preprocessing.image_folder import IMAGE_EXTENSIONS
 
 _MAX_REPLACEMENTS = 64  # consecutive unreadable files before we conclude the data set is broken
 
@@ -52,7 +52,7 @@ class ImageDataset(Dataset):
     def _load(self, path: str) -> Any:
         from PIL import Image
 
-        from ..transforms import to_rgb
+        from ..preprocessing.transforms import to_rgb
 
         with open(path, "rb") as f:
             img = Image.open(f)
@@ -236,7 +236,7 @@ class _ToRGB:
     """Picklable first step: any PIL mode -> 8-bit RGB (the package's ``to_rgb``)."""
 
     def __call__(self, img: Any) -> Any:
-        from ..transforms import to_rgb
+        from ..preprocessing.transforms import to_rgb
 
         return to_rgb(img)
 
@@ -326,7 +326,7 @@ def eval_preprocessing(model_name: str, input_size: int, crop_pct: Optional[floa
     the same variant at that resolution, and failing that the authors' rule (§8): centre crop with
     crop_pct 0.875 below 384, squash (crop_pct 1.0) at 384 and above. ``crop_pct`` overrides.
     """
-    from ..manifest import get_checkpoint, list_checkpoints, parse_model_name
+    from ..checkpoints.registry import get_checkpoint, list_checkpoints, parse_model_name
 
     variant, _ = parse_model_name(model_name)
     ckpt = get_checkpoint(model_name)
@@ -346,7 +346,7 @@ def eval_preprocessing(model_name: str, input_size: int, crop_pct: Optional[floa
 
 
 def eval_transform(p: EvalPreprocessing) -> Callable:
-    from ..transforms import eval_transform as _eval
+    from ..preprocessing.transforms import eval_transform as _eval
 
     return _eval(p.resolution, p.crop_pct, p.crop_mode, p.interpolation, p.mean, p.std)
 

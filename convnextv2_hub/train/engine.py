@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import config as C
-from .atomic_files import atomic_torch_save, atomic_write_json
+from ..files import atomic_torch_save, atomic_write_json
 from .data import (
     MixupCutmix,
     TrainSampler,
@@ -270,7 +270,7 @@ def train(run: Run) -> Dict[str, Any]:
             if mode == "pretrain":
                 raw.save(out / WEIGHTS_FILE)
             else:
-                from ..convert import save_checkpoint
+                from ..checkpoints.io import save_checkpoint
 
                 save_checkpoint(raw, out / WEIGHTS_FILE, metadata=info)
                 if ema is not None:

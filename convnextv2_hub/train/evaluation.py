@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .atomic_files import atomic_write_json
+from ..files import atomic_write_json
 from .data import ShardSampler, build_dataset, collate, default_num_workers, eval_preprocessing, eval_transform, find_split
 from .distributed import DistEnv, _all_sum, init_distributed, shutdown
 
@@ -77,7 +77,7 @@ def _amp_dtype(cfg: Dict[str, Any]) -> Optional[torch.dtype]:
 
 def run_eval(run: Run) -> Dict[str, Any]:
     """The ``eval`` command: top-1/top-5 of released (``--pretrained``) or own (``--init``) weights."""
-    from ..hub import create
+    from ..models.factory import create
 
     cfg = run.cfg
     env = init_distributed(run.device)
@@ -120,8 +120,8 @@ def _checkpoint_classes(path: Optional[str]) -> Optional[int]:
     """Class count of a weights file's head (any supported format); None without a head."""
     if not path:
         return None
-    from ..checkpoint_formats import to_ours
-    from ..checkpoint_reading import read_state_dict
+    from ..checkpoints.formats import to_ours
+    from ..checkpoints.reading import read_state_dict
 
     sd = to_ours(read_state_dict(path))
     w = sd.get("head.weight")

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 
 def _variant(model_name: str) -> str:
-    from ..manifest import parse_model_name
+    from ..checkpoints.registry import parse_model_name
 
     return parse_model_name(model_name)[0]
 
@@ -21,8 +21,8 @@ def _variant(model_name: str) -> str:
 def build_finetune_model(run: Run, num_classes: int, logger: Logger) -> nn.Module:
     """``create()`` with the recipe's drop path and head init scale; then ``--init`` weights (an
     FCMAE file keeps the fresh, scaled head and norm; a head of another class count is replaced)."""
-    from ..convert import load_checkpoint
-    from ..hub import create
+    from ..checkpoints.io import load_checkpoint
+    from ..models.factory import create
 
     cfg = run.cfg
     model = create(run.model, pretrained=run.pretrained, num_classes=num_classes, drop_path_rate=cfg["drop_path"], head_init_scale=cfg["head_init_scale"])
@@ -37,7 +37,7 @@ def build_finetune_model(run: Run, num_classes: int, logger: Logger) -> nn.Modul
 
 
 def build_pretrain_model(run: Run) -> nn.Module:
-    from ..fcmae import FCMAE
+    from ..models.fcmae import FCMAE
 
     cfg = run.cfg
     kw = dict(mask_ratio=cfg["mask_ratio"], norm_pix_loss=cfg["norm_pix_loss"])

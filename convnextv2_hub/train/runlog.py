@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from ..atomic import atomic_write
+from ..files import atomic_write
 from .distributed import DistEnv
 
 

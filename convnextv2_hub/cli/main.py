@@ -1,0 +1,137 @@
+"""The ``convnextv2`` command: list / info / predict, and the subcommands of ``cli.analyze`` and ``cli.fcmae_show``.
+
+Every subcommand imports what it runs when it runs, so ``convnextv2 --help`` answers without loading torch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from importlib import resources
+from typing import List, Optional
+
+from .analyze import add_analyze_parser
+from .fcmae_show import add_fcmae_show_parser
+
+SAMPLE_IMAGE = "sample.jpg"
+
+
+def sample_image_path() -> str:
+    """The photo shipped with the package (a tabby cat), classified when no image is given."""
+    return str(resources.files("convnextv2_hub") / "data" / SAMPLE_IMAGE)
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from ..checkpoints.registry import get_checkpoint, list_checkpoints, list_models
+
+    if args.variant is None and not args.checkpoints:
+        print("\n".join(list_models()))
+        return 0
+    rows = [get_checkpoint(n) for n in list_checkpoints(args.variant)]
+    if args.json:
+        print(json.dumps([c.name for c in rows], indent=2))
+        return 0
+    print(f"{'checkpoint':<36} {'res':>4} {'classes':>7} {'top-1':>7} {'params':>13}")
+    for c in rows:
+        top1 = c.meta.get("top1")
+        print(f"{c.name:<36} {c.resolution:>4} {c.num_classes:>7} "
+              f"{(f'{top1:.2f}' if top1 is not None else '-'):>7} {c.meta.get('params', 0):>13,}")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from ..checkpoints.registry import get_checkpoint
+
+    ckpt = get_checkpoint(args.name)
+    info = {f.name: getattr(ckpt, f.name) for f in fields(ckpt) if f.name != "meta"}
+    info.update(dict(ckpt.meta))
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        width = max(map(len, info))
+        for k, v in info.items():
+            print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from ..models.factory import create
+    from ..inference.predictor import Predictor
+
+    images = args.images or [sample_image_path()]
+    # A mistyped path is named before any weights are downloaded (unreadable files are reported per image).
+    missing = [path for path in images if not os.path.exists(path)]
+    if missing:
+        raise FileNotFoundError(f"no such image file: {', '.join(missing)}; check the path(s)")
+    model = create(
+        args.model,
+        pretrained=args.checkpoint_path is None,
+        checkpoint_path=args.checkpoint_path,
+        num_classes=args.num_classes,
+    )
+    # No batch larger than the images given: a compiled graph for 16 would pad one photo to 16.
+    predictor = Predictor(model, backend=args.backend, batch_size=min(args.batch_size, len(images)))
+    preds = predictor.classify(images, topk=args.topk)
+    if args.json:
+        print(json.dumps(
+            [{"image": p.source, "topk": [{"label": l, "prob": round(s, 6)} for l, s in p.topk], "error": p.error}
+             for p in preds], indent=2))
+    else:
+        for p in preds:
+            print(p.source)
+            if p.error:
+                print(f"  error: {p.error}")
+            for label, prob in p.topk:
+                print(f"  {prob:7.2%}  {label}")
+    failed = [p for p in preds if p.error]
+    if failed:
+        print(f"{len(failed)} of {len(preds)} images could not be read", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="convnextv2", description="ConvNeXt V2 models and checkpoints")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="list variants, or the checkpoints of one variant")
+    p.add_argument("variant", nargs="?", help="e.g. tiny; omit to list variants")
+    p.add_argument("--checkpoints", action="store_true", help="list every checkpoint")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("info", help="show a checkpoint's manifest entry")
+    p.add_argument("name", help="e.g. tiny.fcmae_ft_in1k")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("predict", help="classify images (default: the bundled sample photo)")
+    p.add_argument("images", nargs="*", help="image files")
+    p.add_argument("--model", default="tiny", help="model or checkpoint name (default: tiny)")
+    p.add_argument("--checkpoint-path", help="local weights instead of downloading")
+    p.add_argument("--num-classes", type=int, help="head size of --checkpoint-path weights")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--backend", default="auto", choices=["auto", "eager", "compile", "onnxruntime"],
+                   help="inference backend (default auto: fastest safe path; compiles only when it pays off)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_predict)
+    add_analyze_parser(sub)
+    add_fcmae_show_parser(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, RuntimeError, OSError) as exc:
+        # Errors from our own code already name the problem and the fix; no traceback needed.
+        print(f"convnextv2 {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""``convnextv2-train``: FCMAE pre-training, fine-tuning and evaluation with the paper's recipes.
+
+    convnextv2-train pretrain --model base --data /imagenet --output runs/pt
+    convnextv2-train finetune --model base --data /imagenet --output runs/ft --init runs/pt/checkpoint-last.safetensors
+    convnextv2-train finetune --model tiny --data /my_folder --recipe finetune_in1k --set epochs=30 --set lr=1e-4
+    convnextv2-train eval     --model tiny --pretrained --data /imagenet/val
+    torchrun --nproc_per_node 8 --nnodes 2 ... -m convnextv2_hub.train finetune ...   (same flags)
+    convnextv2-train recipes [NAME]     # list recipes, or print one
+    convnextv2-train keys               # every config key with its default
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional
+
+from ..train import config as C
+
+
+def _add_common(p: argparse.ArgumentParser, mode: str) -> None:
+    p.add_argument("--model", required=True, help="variant (atto ... huge) or checkpoint name (tiny.fcmae_ft_in22k_in1k_384)")
+    p.add_argument("--data", required=True, help="ImageFolder root with train/ and val/ (or train.txt / val.txt file lists)"
+                   + ("; or a folder/list to evaluate directly" if mode == "eval" else ""))
+    p.add_argument("--output", default=None, help="run folder (checkpoints, log.jsonl, eval.json, config.json)"
+                   + ("" if mode == "eval" else "; default runs/" + mode))
+    if mode != "eval":
+        p.add_argument("--recipe", default=C.DEFAULT_RECIPE[mode],
+                       help=f"recipe name ({', '.join(r for r in C.list_recipes())}) or a .json path; default {C.DEFAULT_RECIPE[mode]}")
+        p.add_argument("--resume", default=None, help="'auto': continue from <output>/checkpoint-last.pt if there is one; or a path")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (authors' argument names; 'convnextv2-train keys' lists them); repeatable")
+    p.add_argument("--init", default=None, help={
+        "pretrain": "continue from an FCMAE checkpoint (with decoder)",
+        "finetune": "start from these weights (FCMAE encoder or classifier, any supported format); the authors' --finetune",
+        "eval": "weights to evaluate (any supported format)",
+    }[mode])
+    if mode != "pretrain":
+        p.add_argument("--pretrained", action="store_true", help="start from / evaluate the released weights of --model")
+    p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda, cuda:N")
+    p.add_argument("--num-workers", type=int, default=None, help="data loader workers per process (config key num_workers)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per process per step (config key batch_size)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="convnextv2-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for mode, text in (("pretrain", "FCMAE self-supervised pre-training (Table 8)"),
+                       ("finetune", "supervised fine-tuning (Tables 9-13)"),
+                       ("eval", "top-1/top-5 of released or own weights")):
+        _add_common(sub.add_parser(mode, help=text, description=text), mode)
+    r = sub.add_parser("recipes", help="list the packaged recipes or print one")
+    r.add_argument("name", nargs="?")
+    sub.add_parser("keys", help="list every config key with its default")
+    return parser
+
+
+def _resolve(args: argparse.Namespace):
+    from ..checkpoints.registry import get_checkpoint, parse_model_name
+
+    variant, _ = parse_model_name(args.model)
+    overrides = C.parse_set(args.sets)
+    for flag, key in ((args.num_workers, "num_workers"), (args.batch_size, "batch_size")):
+        if flag is not None:
+            overrides[key] = flag
+    mode = args.command
+    base = {}
+    if mode == "eval":
+        # Evaluate at the checkpoint's own resolution unless told otherwise.
+        base["input_size"] = get_checkpoint(args.model).resolution
+    recipe = getattr(args, "recipe", None)
+    cfg, notes = C.resolve(mode, variant, recipe if mode != "eval" else None, overrides, base)
+    return cfg, notes
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "keys":
+        print(C.known_keys_text())
+        return 0
+    if args.command == "recipes":
+        if args.name:
+            print(open(C.load_recipe(args.name).path, encoding="utf-8").read())
+        else:
+            for name in C.list_recipes():
+                print(f"{name}: {C.load_recipe(name).description}")
+        return 0
+    try:
+        cfg, notes = _resolve(args)
+    except (C.ConfigError, ValueError) as e:
+        print(f"convnextv2-train: error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(json.dumps({"config": cfg, "sources": notes}, indent=2))
+        return 0
+
+    from ..train.engine import NonFiniteLossError, Run, train
+    from ..train.evaluation import run_eval
+
+    run = Run(
+        mode=args.command, model=args.model, data_path=args.data, output_dir=args.output, cfg=cfg,
+        init=args.init, pretrained=getattr(args, "pretrained", False), resume=getattr(args, "resume", None),
+        device=args.device, recipe=getattr(args, "recipe", None), notes=notes,
+    )
+    try:
+        if run.mode == "eval":
+            res = run_eval(run)
+            if int(os.environ.get("RANK", "0")) == 0:  # torchrun: one report, not one per process
+                print(json.dumps({k: res[k] for k in ("top1", "top5", "loss", "num_images", "skipped_images")}, indent=1))
+        else:
+            train(run)
+    except NonFiniteLossError as e:
+        print(f"convnextv2-train: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

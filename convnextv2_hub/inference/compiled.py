@@ -1,0 +1,233 @@
+"""torch.compile inference for a ConvNeXtV2: frozen weights, static shapes, cache-sized micro-batches.
+
+On a CPU the early stages do not fit the caches at batch size 16: stage 1 of Tiny at 224² holds a
+50176 x 384 hidden tensor (38 MB in bf16) between its two Linears, and then oneDNN's GEMM and the
+GRN passes run from memory. Measured on a 2-core AMX Xeon, stage 1's ``pwconv1`` took 13.7 ms at
+batch 16 and 0.22 ms for one image (3.9x faster per image). So each stage runs on micro-batches of
+about ``ROWS_PER_CHUNK`` spatial positions (at 224²: stage 1 one image, stage 2 four, stages 3 and 4
+the whole batch, where larger GEMMs are the faster ones), and consecutive stages with the same
+micro-batch form one segment, compiled once per micro-batch shape. GPUs run the whole batch at once.
+
+On CPUs the segments run three ops in forms that inductor compiles better: the blocks' GELU is
+``poly_gelu``, a polynomial (within 1.3e-4 of the exact GELU) fused into inductor's own AMX GEMM for
+``pwconv1``; GRN's sum of squares goes through partial sums (``grn_two_step``) and the 2x2 downsampling
+convs are GEMMs (``downsample_as_linear``), both equal to the modules up to rounding; the blocks'
+depthwise conv and LayerNorm run as one C++ kernel of ours (``native.dwconv7x7_layernorm``) when it
+builds. GPUs run the model's own modules.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Dict, List, Tuple
+
+import torch
+import torch._inductor.config as inductor_config
+import torch.nn.functional as F
+from torch import nn
+
+from . import native
+from ..models.layers import GRN, stored_once_when_compiled
+from ..models.convnextv2 import Block, ConvNeXtV2
+
+# Spatial positions per micro-batch: one 224² image at stage 1 (56 x 56), where it measured best
+# (1, 4 and 16 images tried at stage 1; 1, 4, 8 and 16 at stage 2).
+ROWS_PER_CHUNK = 3136
+# Compiled graphs allowed per segment (one per input shape and precision); without isolate_recompiles,
+# for _Segment.forward across all predictors of a process. Four times as many across all segments.
+RECOMPILE_LIMIT = 256
+# torch >= 2.14: each torch.compile call can keep its graphs apart from other calls' (isolate_recompiles).
+_CAN_ISOLATE = "isolate_recompiles" in inspect.signature(torch.compile).parameters
+
+
+def stage_micro_batches(n: int, height: int, width: int, device_type: str = "cpu",
+                        rows: int = ROWS_PER_CHUNK) -> List[int]:
+    """Micro-batch size of each of the 4 stages for a batch of ``n`` images of ``height`` x ``width``.
+
+    Each is the largest divisor of ``n`` whose positions fit in ``rows`` (at least 1), so every
+    micro-batch of a stage has the same static shape. On GPUs: ``n`` for every stage.
+    """
+    if device_type != "cpu":
+        return [n] * 4
+    sizes = []
+    for stage in range(4):
+        positions = (height >> (stage + 2)) * (width >> (stage + 2))
+        limit = max(1, rows // max(1, positions))
+        sizes.append(max(d for d in range(1, n + 1) if n % d == 0 and d <= limit))
+    return sizes
+
+
+# Odd coefficients (t, t^3, ..., t^17) of Phi(4t) - 1/2 on [-1, 1], Phi the standard normal CDF:
+# a degree-17 Chebyshev fit, scaled so that Phi(+-4) is exactly 1 and 0.
+_PHI_ODD = (1.5957566363361324, -4.2509064079219865, 10.122645430366617, -18.634241254243896,
+            26.135585234514902, -26.834940802330824, 18.735020372983463, -7.833456498292391,
+            1.4645372885879837)
+
+
+def poly_gelu(x: torch.Tensor) -> torch.Tensor:
+    """GELU(x) = x * Phi(x) with Phi from ``_PHI_ODD`` on [-4, 4] and relu outside, in fp32.
+
+    Max |error| against the exact (erf) GELU: 1.3e-4 over the whole real line, and 3.3e-5 |x| inside
+    [-4, 4]: below the rounding of a bf16 result (2^-9 relative). It is multiply-adds only, which
+    inductor fuses into its AMX GEMM as an epilogue at ~0.1 ns per element; the erf form there costs
+    ~1 ns (a libm-style call per vector), so with it the fastest choice was oneDNN's GEMM + GELU,
+    whose fixed cost per call is ~45 us.
+    Tiny on a 2-core AMX Xeon, interleaved A/B runs: 7% faster at batch 1, unchanged at batch 16.
+    """
+    xf = x.float()
+    t = (xf * 0.25).clamp(-1.0, 1.0)
+    t2 = t * t
+    acc = torch.full_like(t, _PHI_ODD[-1])
+    for c in reversed(_PHI_ODD[:-1]):
+        acc = acc * t2 + c
+    # Outside [-4, 4] GELU is relu to within 1.3e-4; there the polynomial's fp32 residual at t = -1,
+    # times a huge x, would not be (GELU(-inf) must be 0, not inf).
+    out = torch.where(xf.abs() < 4.0, xf * (0.5 + t * acc), xf.clamp(min=0.0)).to(x.dtype)
+    # Inlined into its readers, the polynomial would be evaluated again by the GRN kernel and by the
+    # second GEMM instead of once in the first GEMM's epilogue.
+    return stored_once_when_compiled(out)
+
+
+# Positions per partial sum in grn_two_step.
+GRN_PARTIAL_ROWS = 16
+
+
+def grn_two_step(grn: GRN, x: torch.Tensor) -> torch.Tensor:
+    """``grn(x)`` on NHWC ``x``, its spatial sum of squares taken over ``GRN_PARTIAL_ROWS`` consecutive
+    positions first, then over those partial sums.
+
+    Inductor reduces over positions with the channels as its vector lanes, one sweep down the whole
+    tensor per 32 channels: at stage 1 (3136 x 384) twelve strided passes over 2.4 MB, more than the
+    L2 holds. The partial sums read the tensor once, in order. Tiny at batch 1, stage 1's GRN kernel:
+    246 -> 196 us. Shapes whose positions do not split evenly keep the one-step sum.
+    """
+    n, h, w, c = x.shape
+    rows = GRN_PARTIAL_ROWS
+    if (h * w) % rows:
+        return grn(x)
+    partial = x.float().reshape(n, h * w // rows, rows, c).square().sum(2)
+    gx = stored_once_when_compiled(partial).sum(1).sqrt().view(n, 1, 1, c)
+    return grn.scale_by_norm(x, gx)
+
+
+def downsample_as_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A downsampling layer between stages (LayerNorm2d, then a k x k conv of stride k) as LayerNorm,
+    space-to-depth and a Linear on an NCHW (channels_last) map.
+
+    The conv's output at each position is a Linear of its k x k input patch. As a Linear it becomes
+    inductor's AMX GEMM with prepacked weights, and the LayerNorm writes straight into the patch
+    layout, where the conv was a oneDNN call with its own setup per call.
+    """
+    norm, conv = layer[0], layer[1]
+    k = conv.kernel_size[0]
+    x = F.layer_norm(x.permute(0, 2, 3, 1), norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    n, h, w, c = x.shape
+    patches = x.reshape(n, h // k, k, w // k, k, c).permute(0, 1, 3, 2, 4, 5)
+    patches = patches.reshape(n, h // k, w // k, k * k * c)
+    weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, k * k * c)
+    return F.linear(patches, weight, conv.bias).permute(0, 3, 1, 2)
+
+
+def _block_forward(block: Block, x: torch.Tensor, dwconv_ln_kernel: bool) -> torch.Tensor:
+    """``Block.forward`` without a mask, with ``poly_gelu``, ``grn_two_step`` and, if
+    ``dwconv_ln_kernel``, the depthwise conv and LayerNorm as ``native.dwconv7x7_layernorm``."""
+    shortcut = x
+    if dwconv_ln_kernel:
+        x = native.dwconv7x7_layernorm(block.dwconv, block.norm, x)
+    else:
+        x = block.norm(block.dwconv(x).permute(0, 2, 3, 1))
+    x = poly_gelu(block.pwconv1(x))
+    return shortcut + block.pwconv2(grn_two_step(block.grn, x)).permute(0, 3, 1, 2)
+
+
+class _Segment(nn.Module):
+    """Stages ``first``..``last`` of a ConvNeXtV2 (each: downsampling layer + blocks), plus the head
+    when ``last`` is the final stage. Shares the model's parameters. ``cpu_forms``: run the ops in
+    the forms of the module docstring instead of the model's own modules."""
+
+    def __init__(self, model: ConvNeXtV2, first: int, last: int, cpu_forms: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.first, self.last = first, last
+        self.cpu_forms = cpu_forms
+        # Built (or found in its cache) here, before tracing: the graph then calls the loaded op.
+        self.dwconv_ln_kernel = cpu_forms and native.load()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i in range(self.first, self.last + 1):
+            layer = self.model.downsample_layers[i]
+            # Layer 0 is the stem (conv, then LayerNorm), which stays a conv.
+            x = downsample_as_linear(layer, x) if self.cpu_forms and i > 0 else layer(x)
+            for block in self.model.stages[i]:
+                x = _block_forward(block, x, self.dwconv_ln_kernel) if self.cpu_forms else block(x)
+        return self.model.forward_head(x) if self.last == 3 else x
+
+
+class CompiledConvNeXtV2:
+    """``torch.compile`` (inductor, frozen weights, static shapes) of an eval-mode ConvNeXtV2 with a
+    classifier head, run in micro-batched segments (see the module docstring).
+
+    The caller sets precision (autocast) and ``inference_mode``; inputs are N x 3 x H x W with H and
+    W multiples of 32. Each new (segment, micro-batch shape) compiles on first use. The model's
+    weights and structure are read once, when a graph compiles: change the model afterwards and the
+    graphs go on computing the old one (``Predictor`` compiles a private copy, so it never sees that).
+    """
+
+    def __init__(self, model: ConvNeXtV2, rows: int = ROWS_PER_CHUNK) -> None:
+        if model.features_only or model.training:
+            raise ValueError("CompiledConvNeXtV2 needs an eval-mode model with a classifier head")
+        self.model = model
+        self.rows = rows
+        self._segments: Dict[Tuple[int, int], nn.Module] = {}
+
+    def plan(self, x: torch.Tensor) -> List[Tuple[int, int, int]]:
+        """``(first stage, last stage, micro-batch)`` for each segment that ``x`` runs through."""
+        n, _, height, width = x.shape
+        sizes = stage_micro_batches(n, height, width, x.device.type, self.rows)
+        plan: List[Tuple[int, int, int]] = []
+        for stage, size in enumerate(sizes):
+            if plan and plan[-1][2] == size:
+                plan[-1] = (plan[-1][0], stage, size)
+            else:
+                plan.append((stage, stage, size))
+        return plan
+
+    def _segment(self, first: int, last: int, on_cpu: bool) -> nn.Module:
+        key = (first, last)
+        if key not in self._segments:
+            # dynamic=False: static shapes give inductor its best kernels; a new shape recompiles.
+            segment = _Segment(self.model, first, last, cpu_forms=on_cpu)
+            lean_guards = {}
+            if _CAN_ISOLATE:
+                # Guards only on the input's metadata and the global state (grad mode, autocast).
+                # The model is frozen into the graphs, so dynamo's ~1100 guards on its modules and
+                # parameters protect nothing and cost ~0.35 ms per call (Tiny, batch 1: 2%). What they
+                # also did, telling segments of one code object apart, isolate_recompiles does: each
+                # segment looks up only its own graphs. Older torch keeps the full guards.
+                lean_guards = dict(isolate_recompiles=True, recompile_limit=RECOMPILE_LIMIT,
+                                   options={"guard_filter_fn": torch.compiler.keep_portable_guards_unsafe})
+            self._segments[key] = torch.compile(segment, dynamic=False, **lean_guards)
+        return self._segments[key]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # Read when a graph compiles. freezing: weights folded as constants, prepacked for oneDNN.
+        # On CPUs, cpp_wrapper saves the Python call overhead of ~150 kernels per forward, and
+        # max_autotune times inductor's own (AMX) GEMM kernels, which fuse GRN's scaling and the
+        # residual add, against oneDNN's, per GEMM shape (Tiny at batch 1: 18.4 -> 16.8 ms).
+        # ffp-contract=fast lets the C++ compiler turn poly_gelu's multiply-adds into FMAs.
+        on_cpu = x.device.type == "cpu"
+        cpu_only = {"cpp.enable_floating_point_contract_flag": "fast"} if on_cpu else {}
+        # Every segment of every CompiledConvNeXtV2 is one more graph of the one code object
+        # _Segment.forward; dynamo's default limits (8 per code object or region, 256 in all) would
+        # quietly run the rest eagerly.
+        with inductor_config.patch(freezing=True, cpp_wrapper=on_cpu, max_autotune=on_cpu,
+                                   max_autotune_gemm_backends="CPP,ATEN", autotune_num_choices_displayed=0,
+                                   max_autotune_report_choices_stats=False, **cpu_only), \
+                torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT,
+                                           accumulated_recompile_limit=4 * RECOMPILE_LIMIT):
+            for first, last, size in self.plan(x):
+                segment = self._segment(first, last, on_cpu)
+                if size == x.shape[0]:
+                    x = segment(x)
+                else:
+                    x = torch.cat([segment(chunk) for chunk in x.split(size)])
+        return x

@@ -1,0 +1,132 @@
+"""The compile backend's micro-batch plan, and its micro-batched segments against eager fp32."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from convnextv2_hub.inference import native
+from convnextv2_hub.inference.compiled import (CompiledConvNeXtV2, downsample_as_linear, grn_two_step, poly_gelu,
+                                     stage_micro_batches)
+from convnextv2_hub.models.layers import GRN
+from convnextv2_hub.models.convnextv2 import ConvNeXtV2, convnextv2
+
+
+@pytest.mark.parametrize("n, size, device, expected", [
+    (16, 224, "cpu", [1, 4, 16, 16]),    # stage positions 3136, 784, 196, 49
+    (6, 224, "cpu", [1, 3, 6, 6]),       # largest divisor of the batch within the row budget
+    (1, 224, "cpu", [1, 1, 1, 1]),
+    (16, 384, "cpu", [1, 1, 4, 16]),     # 9216 positions per image in stage 1: still one image
+    (16, 224, "cuda", [16, 16, 16, 16]),  # GPUs run the whole batch
+])
+def test_stage_micro_batches(n, size, device, expected):
+    sizes = stage_micro_batches(n, size, size, device)
+    assert sizes == expected
+    assert all(n % s == 0 for s in sizes)
+
+
+def test_plan_merges_stages_with_the_same_micro_batch():
+    runner = CompiledConvNeXtV2(convnextv2("atto", num_classes=10).eval())
+    x = torch.empty(16, 3, 224, 224)
+    assert runner.plan(x) == [(0, 0, 1), (1, 1, 4), (2, 3, 16)]
+    assert runner.plan(x[:1]) == [(0, 3, 1)]
+
+
+def test_refuses_a_training_or_headless_model():
+    with pytest.raises(ValueError, match="eval-mode"):
+        CompiledConvNeXtV2(convnextv2("atto").train())
+    with pytest.raises(ValueError, match="classifier head"):
+        CompiledConvNeXtV2(convnextv2("atto", features_only=True).eval())
+
+
+def test_micro_batched_segments_match_eager_fp32():
+    torch.manual_seed(0)
+    # Atto's layout with one block per stage (two in stage 3): each compiled graph is a C++ build.
+    model = ConvNeXtV2(depths=(1, 1, 2, 1), dims=(40, 80, 160, 320), num_classes=10).eval()
+    with torch.no_grad():  # every parameter random: GRN's zero init would make it an identity
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    x = torch.randn(4, 3, 64, 64)
+    # 256 rows: stage 1 (16 x 16 positions) one image at a time, the other stages all four at once
+    runner = CompiledConvNeXtV2(model, rows=256)
+    assert runner.plan(x) == [(0, 0, 1), (1, 3, 4)]
+    with torch.inference_mode():
+        ref = model(x)
+        out = runner(x.contiguous(memory_format=torch.channels_last))
+    assert out.shape == (4, 10)
+    assert (out - ref).abs().max() <= 1e-4
+    # Images are independent: each image's logits do not depend on its batch neighbours.
+    with torch.inference_mode():
+        alone = model(x[2:3])
+    assert (out[2:3] - alone).abs().max() <= 1e-4
+
+
+def test_poly_gelu_is_within_its_stated_error_of_the_exact_gelu():
+    x = torch.linspace(-12, 12, 240_001)
+    err = (poly_gelu(x).double() - F.gelu(x.double())).abs()
+    assert err.max() <= 1.4e-4  # the docstring's 1.3e-4, with fp32 evaluation noise
+    # Inside [-4, 4] the error is x times Phi's (3.3e-5): relative, so small activations stay exact.
+    inside = (x.abs() < 4) & (x != 0)
+    assert (err[inside] / x[inside].abs()).max() <= 3.5e-5
+    # The ends and the specials: relu outside [-4, 4], NaN stays NaN, bf16 in -> bf16 out.
+    special = torch.tensor([float("inf"), float("-inf"), -1e30, 1e30, -4.0, 4.0, float("nan")])
+    out = poly_gelu(special)
+    assert torch.equal(out[:6], torch.tensor([float("inf"), 0.0, 0.0, 1e30, 0.0, 4.0]))
+    assert out[6].isnan()
+    assert poly_gelu(torch.randn(8, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_cpu_segments_use_the_cpu_forms_and_gpu_segments_the_models_modules():
+    runner = CompiledConvNeXtV2(convnextv2("atto", num_classes=10).eval())
+    cpu = runner._segment(0, 3, on_cpu=True)._orig_mod
+    assert cpu.cpu_forms and cpu.dwconv_ln_kernel == native.load()
+    runner._segments.clear()
+    gpu = runner._segment(0, 3, on_cpu=False)._orig_mod
+    assert not gpu.cpu_forms and not gpu.dwconv_ln_kernel
+
+
+@pytest.mark.parametrize("size", [16, 8, 14])  # 256 and 64 positions: two steps; 196: the one-step sum
+def test_grn_two_step_equals_grn(size):
+    torch.manual_seed(0)
+    grn = GRN(24)
+    with torch.no_grad():
+        grn.gamma.normal_(0, 1)
+        grn.beta.normal_(0, 1)
+    x = torch.randn(3, size, size, 24) * torch.linspace(0.1, 3, 24)  # channels of unequal norms
+    out = grn_two_step(grn, x)
+    assert out.shape == x.shape
+    assert (out - grn(x)).abs().max() <= 1e-5
+    # Per image: one image's output does not depend on its neighbours.
+    assert (grn_two_step(grn, x[1:2]) - out[1:2]).abs().max() <= 1e-6
+
+
+def test_downsample_as_linear_equals_the_downsampling_layer():
+    model = _random_tiny_model(3)
+    x = torch.randn(2, 16, 12, 10).contiguous(memory_format=torch.channels_last)
+    layer = model.downsample_layers[1]
+    out = downsample_as_linear(layer, x)
+    ref = layer(x)
+    assert out.shape == ref.shape == (2, 32, 6, 5)
+    assert (out - ref).abs().max() <= 1e-5
+
+
+def _random_tiny_model(seed: int) -> ConvNeXtV2:
+    torch.manual_seed(seed)
+    model = ConvNeXtV2(depths=(1, 1, 1, 1), dims=(16, 32, 64, 128), num_classes=5).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    return model
+
+
+def test_runners_of_equal_shape_keep_their_own_graphs_and_recompile_for_a_new_shape():
+    # The compiled segments guard only on the input and the global state, not on the modules: two
+    # runners of the same architecture and input shape must still each run the graph of their own
+    # weights, and a new batch size must compile a new graph rather than reuse one of another shape.
+    models = [_random_tiny_model(seed) for seed in (1, 2)]
+    runners = [CompiledConvNeXtV2(m) for m in models]
+    x = torch.randn(3, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        for _ in range(2):  # the second round runs the cached graphs
+            for model, runner in zip(models, runners):
+                assert (runner(x) - model(x)).abs().max() <= 1e-4
+            assert (runners[0](x[:1]) - models[0](x[:1])).abs().max() <= 1e-4
+        assert (runners[0](x) - runners[1](x)).abs().max() > 1e-2  # the two models really differ
