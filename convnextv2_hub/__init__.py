@@ -25,7 +25,7 @@ _EXPORTS = {
     "list_models": "checkpoints.registry",
     "load_checkpoint": "checkpoints.io",
     "save_checkpoint": "checkpoints.io",
-    "create_transform": "preprocessing.transforms",
+    "create_transform": "checkpoints.registry",
     "predict": "inference.predictor",
     "Predictor": "inference.predictor",
     "export_onnx": "inference.export",

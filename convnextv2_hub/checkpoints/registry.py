@@ -95,10 +95,13 @@ class Checkpoint:
         return self.num_classes == 0
 
     def transforms(self, train: bool = False) -> Callable[[Any], Any]:
-        """The image -> tensor transform for this checkpoint (eval by default; see ``transforms.create_transform``)."""
-        from ..preprocessing.transforms import create_transform  # torchvision is imported only when a transform is needed
+        """The image -> tensor transform this checkpoint expects (eval by default)."""
+        from ..preprocessing import transforms  # torchvision is imported only when a transform is needed
 
-        return create_transform(self, train=train)
+        if train:
+            return transforms.train_transform(self.resolution, self.interpolation, self.mean, self.std)
+        return transforms.eval_transform(self.resolution, self.crop_pct, self.crop_mode, self.interpolation,
+                                         self.mean, self.std)
 
     @property
     def label_names(self) -> Optional[List[str]]:
@@ -300,12 +303,31 @@ def imagenet_class_names() -> List[str]:
     """The 1000 ImageNet-1K class names in class-index order (a fresh list: callers may edit it)."""
     return list(_class_names())
 
+def create_transform(name_or_checkpoint: Union[str, Checkpoint], train: bool = False) -> Callable[[Any], Any]:
+    """The transform a checkpoint expects, from its manifest entry (a name in any accepted spelling, or the entry)."""
+    return get_checkpoint(name_or_checkpoint).transforms(train=train)
+
+
+def label_names(model: Any) -> List[str]:
+    """Class names for a model's head: its own ``label_names``, else its checkpoint's when the head
+    matches that checkpoint, else ``class_0``, ``class_1``, ..."""
+    names = getattr(model, "label_names", None)
+    if names is None:
+        ckpt = getattr(model, "checkpoint", None)
+        if ckpt is not None and ckpt.num_classes == model.num_classes:
+            names = ckpt.label_names
+    if names is None or len(names) != model.num_classes:
+        names = [f"class_{i}" for i in range(model.num_classes)]
+    return list(names)
+
 
 __all__ = [
     "Checkpoint",
+    "create_transform",
     "default_tag",
     "get_checkpoint",
     "imagenet_class_names",
+    "label_names",
     "list_checkpoints",
     "list_models",
     "load_manifest",

@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from ..inference.export import DEFAULT_OPSET, export_onnx, export_torchscript
+# The exporter (and torch) are imported once the arguments are checked, so --help answers at once.
+HELP_DEFAULT_OPSET = 18  # inference.export.DEFAULT_OPSET, pinned equal by a test
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, help="head size of --checkpoint-path weights")
     p.add_argument("--image-size", type=int, help="input size (multiple of 32; default: the checkpoint's)")
     p.add_argument("--static-batch", type=int, metavar="N", help="fix the batch axis to N (default: dynamic)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    p.add_argument("--opset", type=int, help=f"ONNX opset (default {HELP_DEFAULT_OPSET})")
     p.add_argument("--quantize", choices=["int8"], help="ONNX only: dynamic int8 quantization of the Linear weights")
     p.add_argument("--half", action="store_true", help="fp16 weights and activations (GRN statistics stay fp32)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
@@ -33,7 +34,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.onnx or args.torchscript)
     try:
-        if args.torchscript and (args.quantize or args.static_batch or args.opset != DEFAULT_OPSET):
+        if args.torchscript and (args.quantize or args.static_batch or args.opset is not None):
             raise ValueError("--quantize, --static-batch and --opset apply to --onnx only")
         # Cheap argument checks first, so a typo does not cost a download.
         if args.image_size is not None and (args.image_size <= 0 or args.image_size % 32):
@@ -42,6 +43,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise FileNotFoundError(f"output folder {str(out.parent)!r} does not exist; create it first")
         if out.exists() and not args.overwrite:
             raise FileExistsError(f"{str(out)!r} already exists; pass --overwrite to replace it")
+        from ..inference.export import DEFAULT_OPSET, export_onnx, export_torchscript
         from ..models.factory import create
 
         model = create(args.model, pretrained=args.checkpoint_path is None,
@@ -49,7 +51,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         common = dict(image_size=args.image_size, half=args.half, overwrite=args.overwrite,
                       verify=not args.no_verify, verbose=True)
         if args.onnx:
-            export_onnx(model, out, opset=args.opset, static_batch=args.static_batch, quantize=args.quantize, **common)
+            export_onnx(model, out, opset=args.opset or DEFAULT_OPSET, static_batch=args.static_batch, quantize=args.quantize, **common)
         else:
             export_torchscript(model, out, **common)
     except Exception as exc:  # every failure: one line, non-zero exit, no output file

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..checkpoints.registry import label_names
 from ..files import atomic_path, temp_path
 from ..models.layers import GRN
 from ..models.convnextv2 import ConvNeXtV2
@@ -64,8 +65,6 @@ class ExportError(RuntimeError):
 def export_metadata(model: ConvNeXtV2, image_size: Optional[int] = None, precision: str = "fp32",
                     extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """What a consumer of the exported file needs: the checkpoint's preprocessing and label names."""
-    from .predictor import label_names
-
     ckpt = getattr(model, "checkpoint", None)
     res = image_size or (ckpt.resolution if ckpt is not None else 224)
     meta: Dict[str, Any] = {

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional,
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..checkpoints.registry import label_names
 from ..models.convnextv2 import ConvNeXtV2
 
 if TYPE_CHECKING:
@@ -32,20 +33,8 @@ class Prediction:
     error: Optional[str] = None
 
 
-def label_names(model: ConvNeXtV2) -> List[str]:
-    """Class names for the model's head: the checkpoint's (ImageNet-1K) when the head matches it."""
-    names = getattr(model, "label_names", None)
-    if names is None:
-        ckpt = getattr(model, "checkpoint", None)
-        if ckpt is not None and ckpt.num_classes == model.num_classes:
-            names = ckpt.label_names
-    if names is None or len(names) != model.num_classes:
-        names = [f"class_{i}" for i in range(model.num_classes)]
-    return list(names)
-
-
 def default_transform(model: ConvNeXtV2) -> Callable:
-    from ..preprocessing.transforms import create_transform
+    from ..checkpoints.registry import create_transform
 
     ckpt = getattr(model, "checkpoint", None)
     return ckpt.transforms() if ckpt is not None else create_transform("tiny.fcmae_ft_in1k")

@@ -17,14 +17,13 @@ by a few grey levels near edges, which is enough to move logits.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence, Tuple, Union
+from typing import Callable, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torchvision.transforms import v2
 
-from ..checkpoints.registry import Checkpoint, get_checkpoint
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -186,12 +185,4 @@ def train_transform(
     )
 
 
-def create_transform(name_or_checkpoint: Union[str, Checkpoint], train: bool = False) -> Callable[[Any], torch.Tensor]:
-    """The transform a checkpoint expects, from its manifest entry (a name in any accepted spelling, or the entry)."""
-    ckpt = get_checkpoint(name_or_checkpoint)
-    if train:
-        return train_transform(ckpt.resolution, ckpt.interpolation, ckpt.mean, ckpt.std)
-    return eval_transform(ckpt.resolution, ckpt.crop_pct, ckpt.crop_mode, ckpt.interpolation, ckpt.mean, ckpt.std)
-
-
-__all__ = ["ToRGB", "create_transform", "eval_transform", "to_rgb", "train_transform"]
+__all__ = ["ToRGB", "eval_transform", "to_rgb", "train_transform"]

@@ -180,3 +180,7 @@ def test_cli_broken_checkpoint_file(tmp_path, capsys):
 def test_cli_missing_output_dir(weights, tmp_path, capsys):
     assert _cli("atto", "--checkpoint-path", weights, "--num-classes", 10, "--onnx", tmp_path / "no" / "a.onnx") == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_help_names_the_exporters_default_opset():
+    assert export_cli.HELP_DEFAULT_OPSET == ex.DEFAULT_OPSET

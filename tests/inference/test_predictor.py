@@ -28,7 +28,7 @@ def photos(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def batch(photos):
-    from convnextv2_hub.preprocessing.transforms import create_transform
+    from convnextv2_hub.checkpoints.registry import create_transform
 
     tf = create_transform("atto.fcmae_ft_in1k")
     x = torch.stack([tf(Image.open(p)) for p in photos])

@@ -9,7 +9,8 @@ from PIL import Image
 from sklearn.datasets import load_sample_image
 
 from convnextv2_hub.checkpoints.registry import get_checkpoint
-from convnextv2_hub.preprocessing.transforms import create_transform, eval_transform, to_rgb, train_transform
+from convnextv2_hub.checkpoints.registry import create_transform
+from convnextv2_hub.preprocessing.transforms import eval_transform, to_rgb, train_transform
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
