@@ -42,14 +42,13 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Protocol, Sequence
 
 from tqdm import tqdm
 
-from ..files import user_cache_dir
+from ..files import atomic_path, user_cache_dir
 
 __all__ = [
     "CheckpointDownloadError",
@@ -342,32 +341,17 @@ def _cached_fallback(ckpt: _CheckpointLike, path: Path) -> tuple[Optional[Path],
 
 def _stream_to_file(url: str, dest: Path, *, expected_sha256: Optional[str], progress: bool,
                     timeout: float) -> None:
-    """Download ``url`` to ``dest`` atomically: a unique temp file in the same folder, then ``os.replace``."""
-    # Unique per download so concurrent processes never write into one file; opened with "xb" (not mkstemp)
-    # so the final file gets the umask's permissions instead of 0600 in a possibly shared cache.
-    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:12]}.incomplete")
+    """Download ``url`` to ``dest`` atomically (``files.atomic_path``): a failed or short download, or a
+    checksum mismatch, leaves ``dest`` as it was and no partial file behind."""
     request = urllib.request.Request(url, headers={"User-Agent": f"convnextv2-hub/{_package_version()}"})
-    try:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(dest) as tmp:
         try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
+            # "xb" rather than mkstemp: the file gets the umask's permissions, not 0600, in a shared cache.
             with urllib.request.urlopen(request, timeout=timeout) as response, open(tmp, "xb") as out:
                 length = response.headers.get("Content-Length")
                 total = int(length) if length and length.isdigit() else None
-                digest = hashlib.sha256()
-                received = 0
-                # disable=None: tqdm shows the bar only on a TTY, so logs and CI stay clean.
-                with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name,
-                          disable=None if progress else True, leave=False) as bar:
-                    while True:
-                        chunk = response.read(_CHUNK_SIZE)
-                        if not chunk:
-                            break
-                        out.write(chunk)
-                        digest.update(chunk)
-                        received += len(chunk)
-                        bar.update(len(chunk))
-                out.flush()
-                os.fsync(out.fileno())
+                digest, received = _copy_with_progress(response, out, total, dest.name, progress)
         except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
             raise _FallbackFailed(_describe(exc)) from exc
         # http.client returns a short body without error when the server closes early, so check the length.
@@ -380,9 +364,24 @@ def _stream_to_file(url: str, dest: Path, *, expected_sha256: Optional[str], pro
                 "(downloaded file discarded)",
                 hard=True,
             )
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+
+def _copy_with_progress(response: Any, out: Any, total: Optional[int], desc: str, progress: bool) -> tuple[Any, int]:
+    """Copy the response body to ``out`` in chunks; return its sha256 object and its length."""
+    digest = hashlib.sha256()
+    received = 0
+    # disable=None: tqdm shows the bar only on a TTY, so logs and CI stay clean.
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+              disable=None if progress else True, leave=False) as bar:
+        while True:
+            chunk = response.read(_CHUNK_SIZE)
+            if not chunk:
+                break
+            out.write(chunk)
+            digest.update(chunk)
+            received += len(chunk)
+            bar.update(len(chunk))
+    return digest, received
 
 
 # --------------------------------------------------------------------------------------------------------------

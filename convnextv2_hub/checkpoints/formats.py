@@ -13,9 +13,6 @@ from ..models.variants import get_variant
 
 FORMATS = ("convnextv2_hub", "fcmae_dense", "fcmae_sparse", "timm", "hf")
 
-# Top-level names of the FCMAE decoder side (authors' fcmae.py); never part of the encoder.
-FCMAE_DECODER_NAMES = ("proj", "mask_token", "decoder", "pred")
-
 _CONV_MLP_VARIANTS = ("atto", "femto", "pico", "nano")  # timm builds these with 1x1-conv MLPs
 
 
@@ -64,7 +61,7 @@ def to_ours(sd: Mapping[str, Tensor], fmt: Optional[str] = None) -> Dict[str, Te
 def split_fcmae_sparse(sd: Mapping[str, Tensor]) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
     """Split an authors' FCMAE pre-training state dict into (encoder in our layout, everything else).
 
-    The encoder follows the authors' ``remap_checkpoint_keys`` (§4.4): strip ``encoder.``, turn
+    The encoder follows the authors' ``remap_checkpoint_keys``: strip ``encoder.``, turn
     Minkowski ``kernel`` tensors into conv weights, drop the ``.ln.``/``.linear.`` wrappers, flatten
     (1, C) biases, GRN to (1, 1, 1, C). Dense encoder tensors pass through the same rules unchanged.
     The rest (``proj.*``, ``mask_token``, ``decoder.*``, ``pred.*``) is returned untouched.
@@ -282,6 +279,6 @@ def to_authors_sparse(sd_ours: Mapping[str, Tensor]) -> Dict[str, Tensor]:
 
 
 __all__ = [
-    "FCMAE_DECODER_NAMES", "FORMATS", "detect_format", "split_fcmae_sparse", "to_authors_sparse", "to_hf",
+    "FORMATS", "detect_format", "split_fcmae_sparse", "to_authors_sparse", "to_hf",
     "to_ours", "to_timm",
 ]

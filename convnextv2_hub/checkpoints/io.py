@@ -38,16 +38,15 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
-from ..files import atomic_path
+from ..files import PathLike, atomic_path
 # Reading and layout conversion are part of this module's public API (``__all__``): re-exported here.
 from .formats import FORMATS, detect_format, split_fcmae_sparse, to_authors_sparse, to_hf, to_ours, to_timm
 from .reading import (
-    _MAX_LISTED,
+    MAX_LISTED,
     CheckpointError,
     CheckpointNotFoundError,
-    PathLike,
     Source,
-    _describe,
+    describe_source,
     read_metadata,
     read_state_dict,
 )
@@ -85,7 +84,7 @@ def load_checkpoint(model: ConvNeXtV2, source: Source, strict: bool = True) -> L
       variant the checkpoint was made for; ``strict=False`` reports them instead. Shape mismatches
       always raise.
     """
-    where = _describe(source)
+    where = describe_source(source)
     sd = read_state_dict(source)
     fmt = detect_format(sd)
     ckpt = to_ours(sd, fmt)
@@ -188,16 +187,16 @@ def _mismatch_message(model, ckpt, target, where, fmt, missing, unexpected, mism
     lines = [f"checkpoint {where} (format {fmt!r}) does not fit the model:"]
     if mismatched:
         lines.append(f"  {len(mismatched)} shape mismatches (checkpoint vs model):")
-        lines += [f"    {k}: {shape(ckpt[k])} vs {shape(target[k])}" for k in mismatched[:_MAX_LISTED]]
+        lines += [f"    {k}: {shape(ckpt[k])} vs {shape(target[k])}" for k in mismatched[:MAX_LISTED]]
     if missing:
         lines.append(f"  {len(missing)} missing from the checkpoint:")
-        lines += [f"    {k}: model {shape(target[k])}" for k in missing[:_MAX_LISTED]]
+        lines += [f"    {k}: model {shape(target[k])}" for k in missing[:MAX_LISTED]]
     if unexpected:
         lines.append(f"  {len(unexpected)} unexpected in the checkpoint:")
-        lines += [f"    {k}: checkpoint {shape(ckpt[k])}" for k in unexpected[:_MAX_LISTED]]
+        lines += [f"    {k}: checkpoint {shape(ckpt[k])}" for k in unexpected[:MAX_LISTED]]
     for kind, ks in (("mismatches", mismatched), ("missing", missing), ("unexpected", unexpected)):
-        if len(ks) > _MAX_LISTED:
-            lines.append(f"  ({len(ks) - _MAX_LISTED} more {kind} not listed)")
+        if len(ks) > MAX_LISTED:
+            lines.append(f"  ({len(ks) - MAX_LISTED} more {kind} not listed)")
     hint = _variant_hint(model, ckpt)
     if hint:
         lines.append(hint.strip("\n"))

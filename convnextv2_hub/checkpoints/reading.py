@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pickle
 import pickletools
 import re
@@ -19,8 +18,9 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
-PathLike = Union[str, os.PathLike]
-Source = Union[str, os.PathLike, Mapping[str, Tensor]]
+from ..files import PathLike
+
+Source = Union[PathLike, Mapping[str, Tensor]]
 
 # Wrapper keys of training checkpoints, in the order they win. EMA first: the authors' released
 # numbers are EMA weights and timm's ``load_checkpoint(use_ema=True)`` prefers them too. To load the
@@ -28,7 +28,7 @@ Source = Union[str, os.PathLike, Mapping[str, Tensor]]
 WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
 
 _ZIP_MAGIC = b"PK\x03\x04"
-_MAX_LISTED = 10
+MAX_LISTED = 10  # keys named in an error message, at most, per kind of mismatch
 
 
 class CheckpointError(ValueError):
@@ -56,7 +56,7 @@ def read_state_dict(source: Source) -> Dict[str, Tensor]:
     """
     if isinstance(source, Mapping):
         obj: object = source
-        where = _describe(source)
+        where = describe_source(source)
     else:
         path = Path(source)
         if not path.exists():
@@ -68,7 +68,8 @@ def read_state_dict(source: Source) -> Dict[str, Tensor]:
     return _unwrap(obj, where)
 
 
-def _describe(source: Source) -> str:
+def describe_source(source: Source) -> str:
+    """How an error message names a checkpoint source: its path, or a summary of an in-memory dict."""
     if isinstance(source, Mapping):
         return f"<in-memory dict with {len(source)} entries>"
     return str(source)
@@ -108,7 +109,7 @@ def _read_sharded(index: Path) -> Dict[str, Tensor]:
         out.update(_unwrap(_read_file(shard_path), str(shard_path)))
     missing = sorted(set(weight_map) - set(out))
     if missing:
-        raise CheckpointError(f"shards of {str(index)!r} lack {len(missing)} indexed tensors, e.g. {missing[:_MAX_LISTED]}")
+        raise CheckpointError(f"shards of {str(index)!r} lack {len(missing)} indexed tensors, e.g. {missing[:MAX_LISTED]}")
     return out
 
 
@@ -153,7 +154,7 @@ def _torch_load(path: Path) -> object:
         if objects:
             raise CheckpointError(
                 f"refusing to load {str(path)!r}: it contains pickled Python code/objects that are not tensors "
-                f"({', '.join(objects[:_MAX_LISTED])}). Checkpoints are read with torch.load(weights_only=True): "
+                f"({', '.join(objects[:MAX_LISTED])}). Checkpoints are read with torch.load(weights_only=True): "
                 "only tensors and plain containers are loaded, nothing in the file is executed. If you trust "
                 "the file, re-save its state dict as plain tensors (e.g. safetensors.torch.save_file) where it "
                 "was made."
@@ -225,7 +226,7 @@ def _unwrap(obj: object, where: str) -> Dict[str, Tensor]:
         )
     sd = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
     if not sd:
-        keys = [str(k) for k in list(obj)[:_MAX_LISTED]]
+        keys = [str(k) for k in list(obj)[:MAX_LISTED]]
         raise CheckpointError(
             f"checkpoint {where} contains no tensors (top-level keys: {keys}); expected a state dict, "
             f"optionally wrapped under one of {list(WRAPPER_KEYS)}"

@@ -2,8 +2,7 @@
 
 One JSON file (``weights_manifest.json``) is the single source of truth, so the download code, the
 converter, the CLI and the docs never disagree about a URL, a resolution or a crop. It is read lazily
-and once (``functools.lru_cache``): importing this module costs nothing and needs neither torch nor
-the network.
+and once (``functools.lru_cache``); importing this module needs neither torch nor the network.
 
 Names are ``"<variant>.<tag>"`` (``"tiny.fcmae_ft_in1k"``), the same tags as timm. ``get_checkpoint``
 also accepts the spellings users bring from elsewhere: a bare variant (its default tag), timm names
@@ -38,8 +37,8 @@ _TAG_ORDER = (
 # Top-level manifest keys that are not checkpoints.
 _RESERVED_KEYS = ("_comment", "defaults")
 
-# HF transformers ids: the converter names im22k files "-22k-" although their heads are IN-1K
-# (peer_implementations §4.3), so "-22k-<res>" means tag fcmae_ft_in22k_in1k[_<res>].
+# HF transformers ids: their converter names im22k files "-22k-" although their heads are IN-1K,
+# so "-22k-<res>" means tag fcmae_ft_in22k_in1k[_<res>].
 _HF_RE = re.compile(r"^(?:facebook/)?convnextv2-([a-z]+)-(1k|22k)-(\d+)$")
 # The authors' release file names (pt_only/..._1k_224_fcmae.pt, im1k/..._1k_224_ema.pt, im22k/..._22k_384_ema.pt).
 _AUTHORS_RE = re.compile(r"^(?:.*/)?convnextv2_([a-z]+)_(1k|22k)_(\d+)_(ema|fcmae)(?:\.pt|\.pth)?$")
@@ -88,11 +87,6 @@ class Checkpoint:
     def timm_name(self) -> str:
         """The same checkpoint's timm model name (``convnextv2_<variant>.<tag>``)."""
         return f"convnextv2_{self.variant}.{self.tag}"
-
-    @property
-    def is_pretraining_only(self) -> bool:
-        """True for FCMAE encoders: no classifier, so no labels and no accuracy."""
-        return self.num_classes == 0
 
     def transforms(self, train: bool = False) -> Callable[[Any], Any]:
         """The image -> tensor transform this checkpoint expects (eval by default)."""
