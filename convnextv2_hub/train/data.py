@@ -292,7 +292,7 @@ def eval_preprocessing(model_name: str, input_size: int, crop_pct: Optional[floa
     """Eval preprocessing from the checkpoint's manifest entry.
 
     The entry of ``model_name`` is used when its resolution is ``input_size``; otherwise another entry of
-    the same variant at that resolution, and failing that the authors' rule (§8): centre crop with
+    the same variant at that resolution, and failing that the authors' rule: centre crop with
     crop_pct 0.875 below 384, squash (crop_pct 1.0) at 384 and above. ``crop_pct`` overrides.
     """
     from ..checkpoints.registry import get_checkpoint, list_checkpoints, parse_model_name
