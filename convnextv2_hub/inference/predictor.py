@@ -179,7 +179,7 @@ class Predictor:
     """Fast inference for one ConvNeXtV2: ``p(batch) -> logits`` and ``p.predict(files, topk)``.
 
     ``model_or_name``: a ConvNeXtV2 (never modified: the predictor works on its own eval-mode copy)
-    or a name for ``hub.create`` (pretrained unless ``checkpoint_path`` is given).
+    or a name for ``models.factory.create`` (pretrained unless ``checkpoint_path`` is given).
 
     Backends:
 
@@ -190,7 +190,7 @@ class Predictor:
       GPUs); on CPUs the early stages run in cache-sized micro-batches, GELU is a polynomial fused
       into inductor's GEMMs, GRN's sum of squares runs in two steps, the downsampling convs as
       GEMMs, and each block's depthwise conv + LayerNorm as one C++ kernel of ours, built on first
-      use (``compiled.CompiledConvNeXtV2``, ``native`` and their module docstrings).
+      use (``inference.compiled.CompiledConvNeXtV2``, ``inference.native`` and their module docstrings).
       Compiles on the first call (tens of seconds on a CPU) and once per new batch size;
       ``predict`` pads a final partial batch to ``batch_size`` to avoid a recompile.
     - ``"onnxruntime"``: the model exported to ONNX (fp32, verified against PyTorch, in memory) and run

@@ -19,7 +19,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: see conftes
 
 
 def _brute_force_distance(x: torch.Tensor) -> float:
-    """The docs' formula literally: C x C cosines, (1 - cos)/2, mean over all (i, j) incl. i = j."""
+    """The formula of ``analysis.measures``' docstring, literally: C x C cosines, (1 - cos)/2, mean over
+    all (i, j) incl. i = j."""
     v = x.reshape(-1, x.shape[-1]).double().T  # (C, HW)
     c = v.shape[0]
     total = 0.0
@@ -41,7 +42,7 @@ def test_cosine_distance_identical_channels_is_zero():
 
 @pytest.mark.parametrize("c", [2, 16, 64])
 def test_cosine_distance_orthogonal_channels_is_half(c):
-    # One-hot spatial maps: every pair orthogonal. The docs' sum includes the C zero diagonal terms,
+    # One-hot spatial maps: every pair orthogonal. The formula's sum includes the C zero diagonal terms,
     # so D = 0.5 * (C^2 - C) / C^2, i.e. 0.5 in the limit of many channels.
     x = torch.eye(c).reshape(1, 1, c, c)  # (N=1, H=1, W=C, C)
     assert float(A.cosine_distance(x)) == pytest.approx(0.5 * (1 - 1 / c), abs=1e-6)
