@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence,
 
 import numpy as np
 
-from .measures import CosineDistanceResult, PathLike, SelectivityResult, cosine_distance
-from ..files import atomic_write
+from ..files import PathLike, atomic_write
+from .measures import CosineDistanceResult, SelectivityResult, cosine_distance
 
 if TYPE_CHECKING:
     import torch

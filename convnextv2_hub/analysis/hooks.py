@@ -6,7 +6,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-# torch is imported inside the functions that use it, so building the analyze CLI parser costs nothing.
+# torch is imported inside the functions that use it: building the analyze CLI parser does not load it.
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -78,7 +78,7 @@ def _channel_dim(proj: nn.Module) -> int:
     return 1 if isinstance(proj, torch.nn.Conv2d) else -1
 
 
-def _expansion_hook(block: nn.Module, grn: str, fn: Callable[[torch.Tensor, int], None]):
+def expansion_hook(block: nn.Module, grn: str, fn: Callable[[torch.Tensor, int], None]):
     """Register ``fn(features, channel_dim)`` on a block's 4C expansion features; returns the handle."""
     if grn not in GRN_CHOICES:
         raise ValueError(f"grn must be one of {GRN_CHOICES}, got {grn!r}")
@@ -93,7 +93,8 @@ def _expansion_hook(block: nn.Module, grn: str, fn: Callable[[torch.Tensor, int]
 
 
 @contextlib.contextmanager
-def _hooks(handles: List[Any]) -> Iterator[None]:
+def removing_hooks(handles: List[Any]) -> Iterator[None]:
+    """Run the block, then remove the hooks ``handles`` registered (also when the block raises)."""
     try:
         yield
     finally:
@@ -101,4 +102,4 @@ def _hooks(handles: List[Any]) -> Iterator[None]:
             h.remove()
 
 
-__all__ = ["BlockRef", "GRN_CHOICES", "find_block", "residual_blocks"]
+__all__ = ["BlockRef", "GRN_CHOICES", "expansion_hook", "find_block", "removing_hooks", "residual_blocks"]

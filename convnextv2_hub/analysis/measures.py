@@ -10,7 +10,7 @@
   ``SI = (mu_max - mu_-max) / (mu_max + mu_-max)`` over class-conditional mean activities.
 - **Activation maps** (Fig. 3): N channels of one block's 4C expansion features for one image.
 
-Decisions the paper leaves open (see ``docs`` §6.2/§6.3), made explicit here:
+Decisions the paper leaves open, made explicit here:
 
 - *Before or after GRN* (``grn="after"`` by default): "after" reads the 4C tensor the block actually
   projects back to C, i.e. the input of ``pwconv2``. That is the one position that exists in V1
@@ -34,9 +34,9 @@ Everything streams: hooks on the model itself (no copy) reduce each batch to run
 so 50,000 images cost no more memory than 50. Each figure's numbers go to a CSV and a JSON next to
 the PNG, written atomically (temp file + ``os.replace``).
 
-This module computes the analyses; ``analysis_blocks`` finds the blocks and hooks their features,
-``image_folder`` lists and reads the images, ``analysis_figures`` draws the figures and writes their
-CSV/JSON, and ``analysis_cli`` is the ``convnextv2 analyze`` command.
+This module computes the analyses; ``analysis.hooks`` finds the blocks and hooks their features,
+``preprocessing.image_folder`` lists and reads the images, ``analysis.figures`` draws the figures and
+writes their CSV/JSON, and ``cli.analyze`` is the ``convnextv2 analyze`` command.
 """
 from __future__ import annotations
 
@@ -47,16 +47,16 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional,
 
 import numpy as np
 
-from .hooks import _expansion_hook, _hooks, find_block, residual_blocks
-from ..preprocessing.image_folder import _loader, default_transform, list_images
+from ..files import PathLike
+from ..preprocessing.image_folder import default_transform, image_list_loader, list_images
+from .hooks import expansion_hook, find_block, removing_hooks, residual_blocks
 
-# torch is imported inside the functions that use it, so building the analyze CLI parser costs nothing.
+# torch is imported inside the functions that use it: building the analyze CLI parser does not load it.
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
 NEGATIVE_CHOICES = ("relu", "abs", "shift")
-PathLike = Union[str, os.PathLike]
 
 
 # --- the measures ---------------------------------------------------------------------------------
@@ -145,8 +145,8 @@ class SelectivityMeter:
             a = a.abs()
         activity = a.flatten(2).mean(dim=2).double().cpu()  # (N, C): spatial mean per channel
         labels = labels.cpu().long()
-        # index_put_ with accumulate, not index_add_: the latter takes ~0.1 s per call on narrow
-        # (N, 40) double tensors on CPU (measured, torch 2.14), which dominated a whole pass.
+        # index_put_ with accumulate, not index_add_: index_add_ is far slower on narrow (N, C) double
+        # tensors on the CPU, enough to dominate a whole pass.
         self.sums.index_put_((labels,), activity, accumulate=True)
         self.counts += torch.bincount(labels, minlength=self.counts.numel())
 
@@ -255,10 +255,10 @@ def compute_cosine_distance(
         paths, labels, _ = list_images(images, num_images, seed=seed)
         images = (paths, labels)
     batches, total = _batches(model, images, transform, batch_size, workers, labelled=False)
-    handles = [_expansion_hook(r.module, grn, make(i)) for i, r in enumerate(refs)]
+    handles = [expansion_hook(r.module, grn, make(i)) for i, r in enumerate(refs)]
     seen = 0
     device = _device_of(model)
-    with _hooks(handles), _eval_mode(model):
+    with removing_hooks(handles), _eval_mode(model):
         for x, _ in _progress(batches, total, f"cosine distance ({name})", progress):
             model(x.to(device))
             seen += x.shape[0]
@@ -313,7 +313,7 @@ def compute_selectivity(
     handles = [r.module.register_forward_hook(make(i)) for i, r in enumerate(refs)]
     seen = 0
     device = _device_of(model)
-    with _hooks(handles), _eval_mode(model):
+    with removing_hooks(handles), _eval_mode(model):
         for x, y in _progress(batches, total, f"selectivity ({name})", progress):
             y = torch.as_tensor(y)
             if bool((y < 0).any()) or bool((y >= num_classes).any()):
@@ -348,7 +348,7 @@ def _batches(
 
     if isinstance(images, tuple):
         paths, labels = images
-        loader = _loader(paths, labels, transform or default_transform(model), batch_size, workers)
+        loader = image_list_loader(paths, labels, transform or default_transform(model), batch_size, workers)
         return loader, len(loader)
     if isinstance(images, torch.utils.data.DataLoader):
         loader = images
@@ -380,7 +380,7 @@ def expansion_activations(
         f = feat[0].detach().float().cpu()
         captured["x"] = f.permute(2, 0, 1).contiguous() if cdim == -1 else f
 
-    with _hooks([_expansion_hook(ref.module, grn, fn)]), _eval_mode(model):
+    with removing_hooks([expansion_hook(ref.module, grn, fn)]), _eval_mode(model):
         model(image.unsqueeze(0).to(_device_of(model)))
     return captured["x"]
 

@@ -8,24 +8,26 @@ from typing import Dict, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from ..files import atomic_path
-from ..models.fcmae import ENCODER_STRIDE, FCMAE, PathLike, patchify, unpatchify
-from ..preprocessing.transforms import IMAGENET_MEAN, IMAGENET_STD, to_rgb
+from ..files import PathLike, atomic_path
+from ..models.fcmae import ENCODER_STRIDE, FCMAE, patchify, unpatchify
+from ..preprocessing.images import open_image
+from ..preprocessing.transforms import IMAGENET_MEAN, IMAGENET_STD, to_normalized_tensor
 
 PANEL_GAP = 4  # white pixels between the four panels
 
 
 def _load_image(image_path: PathLike, size: Tuple[int, int]) -> torch.Tensor:
-    """File -> normalised (1, 3, H, W): upright RGB, shorter side resized and centre-cropped."""
+    """File -> normalised (1, 3, H, W): upright RGB, the largest centred region of the panel's aspect
+    ratio scaled to ``size`` (``ImageOps.fit``, bicubic).
+
+    ``ImageOps.fit`` scales the exact (possibly fractional) centre region; the eval pipeline's
+    resize-then-crop rounds the resized size and the crop offset to whole pixels, so it can sample up
+    to a pixel differently.
+    """
     from PIL import Image, ImageOps
 
-    with Image.open(image_path) as im:
-        img = to_rgb(im)
-    img = ImageOps.fit(img, (size[1], size[0]), method=Image.Resampling.BICUBIC)
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return ((x - mean) / std).unsqueeze(0)
+    img = ImageOps.fit(open_image(image_path), (size[1], size[0]), method=Image.Resampling.BICUBIC)
+    return to_normalized_tensor(IMAGENET_MEAN, IMAGENET_STD)(img).unsqueeze(0)
 
 
 @torch.no_grad()

@@ -94,16 +94,13 @@ def _run_selectivity(args: argparse.Namespace) -> int:
 
 
 def _run_activations(args: argparse.Namespace) -> int:
-    from PIL import Image
-
     from ..analysis.figures import plot_activations
     from ..analysis.measures import expansion_activations
     from ..preprocessing.image_folder import default_transform
-    from ..preprocessing.transforms import to_rgb
+    from ..preprocessing.images import open_image
 
     label, model = load_model_spec(args.model, args.checkpoint_path, args.device)
-    with Image.open(args.image) as img:
-        x = default_transform(model)(to_rgb(img))
+    x = default_transform(model)(open_image(args.image))
     feats = expansion_activations(model, x, args.block, grn=args.grn)
     title = f"{label} block {args.block}: {min(args.channels, feats.shape[0])} of {feats.shape[0]} channels ({args.grn} GRN)"
     summary = plot_activations(feats, args.out, channels=args.channels, figsize=args.figsize or (8.0, 8.0),

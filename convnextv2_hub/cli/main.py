@@ -8,18 +8,11 @@ import argparse
 import json
 import os
 import sys
-from importlib import resources
 from typing import List, Optional
 
+from ..preprocessing.images import SAMPLE_IMAGE, sample_image_path  # noqa: F401  (the photo predict classifies by default)
 from .analyze import add_analyze_parser
 from .fcmae_show import add_fcmae_show_parser
-
-SAMPLE_IMAGE = "sample.jpg"
-
-
-def sample_image_path() -> str:
-    """The photo shipped with the package (a tabby cat), classified when no image is given."""
-    return str(resources.files("convnextv2_hub") / "data" / SAMPLE_IMAGE)
 
 
 def _cmd_list(args: argparse.Namespace) -> int:

@@ -137,25 +137,26 @@ def _natural_images(size: int, mean: Sequence[float], std: Sequence[float]) -> t
     """Three normalised real photos at ``size``: the package's sample photo plus scikit-image's, if any."""
     from PIL import Image
 
+    from ..preprocessing.images import open_image, sample_image_path
+    from ..preprocessing.transforms import to_normalized_tensor, to_rgb
+
     imgs: List[Image.Image] = []
-    sample = Path(__file__).parent / "data" / "sample.jpg"
-    if sample.is_file():
-        imgs.append(Image.open(sample).convert("RGB"))
+    if os.path.isfile(sample_image_path()):
+        imgs.append(open_image(sample_image_path()))
     try:
         from skimage import data as skdata
 
         for name in ("astronaut", "coffee", "chelsea"):
             if len(imgs) >= 3:
                 break
-            imgs.append(Image.fromarray(getattr(skdata, name)()).convert("RGB"))
+            imgs.append(to_rgb(getattr(skdata, name)()))
     except ImportError:
         pass
     if not imgs:
         raise ExportError("no natural image for verification: the package's data/sample.jpg is missing")
     while len(imgs) < 3:  # mirrored copies still look natural and give different logits
         imgs.append(imgs[len(imgs) % len(imgs)].transpose(Image.FLIP_LEFT_RIGHT))
-    m = torch.tensor(mean).view(3, 1, 1)
-    s = torch.tensor(std).view(3, 1, 1)
+    normalize = to_normalized_tensor(mean, std)
     out = []
     for img in imgs[:3]:
         # Short-side resize + centre crop keeps them natural-looking at any export size.
@@ -164,9 +165,7 @@ def _natural_images(size: int, mean: Sequence[float], std: Sequence[float]) -> t
         img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
         w, h = img.size
         left, top = (w - size) // 2, (h - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-        t = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
-        out.append((t - m) / s)
+        out.append(normalize(img.crop((left, top, left + size, top + size))))
     return torch.stack(out)
 
 

@@ -17,6 +17,8 @@ from PIL import Image, UnidentifiedImageError
 
 from ..checkpoints.registry import label_names
 from ..models.convnextv2 import ConvNeXtV2
+from ..preprocessing.image_folder import default_transform
+from ..preprocessing.images import open_image
 
 if TYPE_CHECKING:
     from .compiled import CompiledConvNeXtV2
@@ -33,20 +35,9 @@ class Prediction:
     error: Optional[str] = None
 
 
-def default_transform(model: ConvNeXtV2) -> Callable:
-    from ..checkpoints.registry import create_transform
-
-    ckpt = getattr(model, "checkpoint", None)
-    return ckpt.transforms() if ckpt is not None else create_transform("tiny.fcmae_ft_in1k")
-
-
-def _load(item: ImageInput) -> Tuple[str, Image.Image]:
-    if isinstance(item, Image.Image):
-        return "<PIL.Image>", item
-    path = os.fspath(item)
-    with Image.open(path) as img:
-        img.load()  # decode now, so a truncated file fails here and is reported for this file only
-        return path, img.copy() if img.mode != "P" else img.convert("RGBA")
+def _load(item: ImageInput) -> Image.Image:
+    """A PIL image as given; a file decoded now, so a truncated one fails here and is reported for it alone."""
+    return item if isinstance(item, Image.Image) else open_image(item)
 
 
 def classify(
@@ -108,8 +99,7 @@ def _classify_with(
         pred = Prediction(source=os.fspath(item) if not isinstance(item, Image.Image) else "<PIL.Image>")
         results.append(pred)
         try:
-            _, img = _load(item)
-            tensor = transform(img)
+            tensor = transform(_load(item))
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
             pred.error = f"cannot read image: {exc}"
             continue
@@ -149,12 +139,11 @@ BACKENDS = ("auto", "eager", "compile", "onnxruntime")
 PRECISIONS = ("fp32", "bf16", "fp16")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-# Estimated one-off cost of torch.compile (inductor, freezing) per residual block, in seconds, on a
-# cold cache. Measured on a 2-core AVX-512 CPU with torch 2.14: tiny (18 blocks) 18-56 s depending on
-# machine load, atto (12 blocks) ~10 s. The estimate errs high on purpose: compiling too late costs
-# a little speed, compiling too early makes a short run slower than eager fp32.
+# auto's estimate of the one-off cost of torch.compile (inductor, freezing) per residual block, in
+# seconds, on a cold cache. It errs high on purpose: compiling too late costs a little speed,
+# compiling too early makes a short run slower than eager fp32.
 COMPILE_SECONDS_PER_BLOCK = 2.5
-# Same for the ONNX Runtime backend's export + session creation (tiny: 2-4 s).
+# The same estimate for the ONNX Runtime backend's export + session creation.
 ONNX_SECONDS_PER_BLOCK = 0.3
 
 
@@ -190,7 +179,7 @@ class Predictor:
     """Fast inference for one ConvNeXtV2: ``p(batch) -> logits`` and ``p.predict(files, topk)``.
 
     ``model_or_name``: a ConvNeXtV2 (never modified: the predictor works on its own eval-mode copy)
-    or a name for ``hub.create`` (pretrained unless ``checkpoint_path`` is given).
+    or a name for ``models.factory.create`` (pretrained unless ``checkpoint_path`` is given).
 
     Backends:
 
@@ -201,7 +190,7 @@ class Predictor:
       GPUs); on CPUs the early stages run in cache-sized micro-batches, GELU is a polynomial fused
       into inductor's GEMMs, GRN's sum of squares runs in two steps, the downsampling convs as
       GEMMs, and each block's depthwise conv + LayerNorm as one C++ kernel of ours, built on first
-      use (``compiled.CompiledConvNeXtV2``, ``native`` and their module docstrings).
+      use (``inference.compiled.CompiledConvNeXtV2``, ``inference.native`` and their module docstrings).
       Compiles on the first call (tens of seconds on a CPU) and once per new batch size;
       ``predict`` pads a final partial batch to ``batch_size`` to avoid a recompile.
     - ``"onnxruntime"``: the model exported to ONNX (fp32, verified against PyTorch, in memory) and run

@@ -1,19 +1,22 @@
 """Image folders: an ImageFolder-style dir (one sub-folder per class) or a flat folder, listed with a
-seeded round-robin selection across classes, and the dataset that reads the listed files."""
+seeded round-robin selection across classes, the dataset and DataLoader that read the listed files,
+and ``default_transform``, a model's own eval preprocessing.
+
+torch is imported inside the functions that use it: importing this module (as the ``convnextv2``
+command's parser does, through ``cli.analyze``) does not load it.
+"""
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Sequence, Tuple
 
-# torch is imported inside the functions that use it, so building the analyze CLI parser costs nothing.
+from ..files import PathLike
+from .images import IMAGE_EXTENSIONS, open_image
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
-PathLike = Union[str, os.PathLike]
 
 
 def _is_image(p: Path) -> bool:
@@ -86,21 +89,16 @@ class ImageList:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> Tuple[torch.Tensor, int]:
-        from PIL import Image
-
-        from .transforms import to_rgb
-
         try:
-            with Image.open(self.paths[i]) as img:
-                img.load()
-                rgb = to_rgb(img)
+            rgb = open_image(self.paths[i])
         except OSError as exc:
             raise OSError(f"cannot read image {self.paths[i]}: {exc}") from exc
         return self.transform(rgb), self.labels[i]
 
 
 def default_transform(model: nn.Module) -> Callable[[Any], torch.Tensor]:
-    """The model's own eval preprocessing: its checkpoint entry's, timm's data config, else 224 ImageNet."""
+    """The model's own eval preprocessing: its checkpoint entry's, timm's data config, else the ImageNet
+    224 pipeline (``eval_transform(224)``: resize to 256, centre crop 224, bicubic, as ``tiny.fcmae_ft_in1k``)."""
     ckpt = getattr(model, "checkpoint", None)
     if ckpt is not None and hasattr(ckpt, "transforms"):
         return ckpt.transforms()
@@ -113,7 +111,10 @@ def default_transform(model: nn.Module) -> Callable[[Any], torch.Tensor]:
     return eval_transform(224)
 
 
-def _loader(paths, labels, transform, batch_size: int, workers: int) -> torch.utils.data.DataLoader:
+def image_list_loader(
+    paths: Sequence[str], labels: Sequence[int], transform: Callable[[Any], torch.Tensor], batch_size: int, workers: int
+) -> torch.utils.data.DataLoader:
+    """A DataLoader of (images, labels) batches over ``ImageList(paths, labels, transform)``, in order."""
     import torch
 
     return torch.utils.data.DataLoader(
@@ -121,4 +122,4 @@ def _loader(paths, labels, transform, batch_size: int, workers: int) -> torch.ut
     )
 
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageList", "default_transform", "list_images"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageList", "default_transform", "image_list_loader", "list_images"]

@@ -12,12 +12,14 @@ resampling), as timm's and the authors' pipelines do: a tensor-side bicubic resi
 by a few grey levels near edges, which is enough to move logits.
 
 ``to_rgb`` runs first and turns whatever a user passes (any PIL mode, EXIF-rotated phone photos,
-16-bit scans, a uint8 tensor or array) into an upright 8-bit RGB PIL image.
+16-bit scans, a uint8 tensor or array) into an upright 8-bit RGB PIL image; ``to_normalized_tensor``
+runs last. They, ``ToRGB`` and ``interpolation_mode`` are the pieces the trainer's augmentations
+(``train.data``) are built from.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence, Tuple, Union
+from typing import Callable, Sequence, Union
 
 import numpy as np
 import torch
@@ -118,19 +120,23 @@ class ToRGB:
         return f"{type(self).__name__}()"
 
 
-def _tail(mean: Sequence[float], std: Sequence[float]) -> list:
-    return [
-        v2.PILToTensor(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean=list(mean), std=list(std)),
-    ]
-
-
-def _interp(name: str) -> v2.InterpolationMode:
+def interpolation_mode(name: str) -> v2.InterpolationMode:
+    """torchvision's interpolation mode for a name such as ``"bicubic"`` (case-insensitive)."""
     try:
         return v2.InterpolationMode(name.lower())
     except ValueError:
         raise ValueError(f"unknown interpolation {name!r}; use one of {[m.value for m in v2.InterpolationMode]}") from None
+
+
+def to_normalized_tensor(mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    """The last step of every pipeline: RGB PIL image -> float32 (3, H, W) in [0, 1] -> ``(x - mean) / std``."""
+    return v2.Compose(
+        [
+            v2.PILToTensor(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=list(mean), std=list(std)),
+        ]
+    )
 
 
 def eval_transform(
@@ -150,7 +156,7 @@ def eval_transform(
     if not 0 < crop_pct <= 1:
         raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
     scale = math.floor(resolution / crop_pct)
-    mode = _interp(interpolation)
+    mode = interpolation_mode(interpolation)
     if crop_mode == "center":
         resize = v2.Resize(scale, interpolation=mode, antialias=True)
     elif crop_mode == "squash":
@@ -160,7 +166,7 @@ def eval_transform(
     steps = [ToRGB(), resize]
     if scale != resolution or crop_mode == "center":
         steps.append(v2.CenterCrop(resolution))
-    return v2.Compose(steps + _tail(mean, std))
+    return v2.Compose(steps + [to_normalized_tensor(mean, std)])
 
 
 def train_transform(
@@ -168,21 +174,30 @@ def train_transform(
     interpolation: str = "bicubic",
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
-    scale: Tuple[float, float] = (0.08, 1.0),
+    scale: Sequence[float] = (0.08, 1.0),
 ) -> Callable[[ImageLike], torch.Tensor]:
     """Basic training pipeline: RandomResizedCrop (bicubic, timm's default scale) + horizontal flip.
 
-    The authors' fine-tuning adds RandAugment and random erasing, and FCMAE pre-training uses scale
-    (0.2, 1.0); recipes that need those compose their own on top of this.
+    FCMAE pre-training is this pipeline with scale (0.2, 1.0) (``train.data.fcmae_train_transform``);
+    the authors' fine-tuning adds RandAugment and random erasing (``train.data.finetune_train_transform``).
     """
     return v2.Compose(
         [
             ToRGB(),
-            v2.RandomResizedCrop(resolution, scale=scale, interpolation=_interp(interpolation), antialias=True),
+            v2.RandomResizedCrop(resolution, scale=tuple(scale), interpolation=interpolation_mode(interpolation), antialias=True),
             v2.RandomHorizontalFlip(),
+            to_normalized_tensor(mean, std),
         ]
-        + _tail(mean, std)
     )
 
 
-__all__ = ["ToRGB", "eval_transform", "to_rgb", "train_transform"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ToRGB",
+    "eval_transform",
+    "interpolation_mode",
+    "to_normalized_tensor",
+    "to_rgb",
+    "train_transform",
+]

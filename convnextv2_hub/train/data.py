@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import v2
 
-from ..preprocessing.image_folder import IMAGE_EXTENSIONS
+from ..preprocessing.images import IMAGE_EXTENSIONS, open_image
+from ..preprocessing.transforms import ToRGB, interpolation_mode, to_normalized_tensor, train_transform
+from ..preprocessing.transforms import eval_transform as preprocessing_eval_transform
 
 _MAX_REPLACEMENTS = 64  # consecutive unreadable files before we conclude the data set is broken
 
@@ -49,23 +51,13 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _load(self, path: str) -> Any:
-        from PIL import Image
-
-        from ..preprocessing.transforms import to_rgb
-
-        with open(path, "rb") as f:
-            img = Image.open(f)
-            img.load()
-        return to_rgb(img)
-
     def __getitem__(self, key: Union[int, Tuple[int, int]]) -> Tuple[torch.Tensor, int, int]:
         index, seed = (key, None) if isinstance(key, int) else key
         skipped = 0
         while True:
             path, label = self.samples[index]
             try:
-                img = self._load(path)
+                img = open_image(path)
                 break
             except Exception as e:  # any decode failure (PIL raises OSError, ValueError, SyntaxError, ...)
                 warnings.warn(f"skipping unreadable image {path}: {type(e).__name__}: {e}", stacklevel=2)
@@ -224,35 +216,12 @@ class ShardSampler(Sampler):
 # ------------------------------------------------------------------------------------------------
 # Transforms
 # ------------------------------------------------------------------------------------------------
-def _interp(name: str):
-    return v2.InterpolationMode(name.lower())
-
-
-def _tensor_tail(mean: Sequence[float], std: Sequence[float]) -> list:
-    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
-
-
-class _ToRGB:
-    """Picklable first step: any PIL mode -> 8-bit RGB (the package's ``to_rgb``)."""
-
-    def __call__(self, img: Any) -> Any:
-        from ..preprocessing.transforms import to_rgb
-
-        return to_rgb(img)
-
-
 def fcmae_train_transform(
     input_size: int, mean: Sequence[float], std: Sequence[float], interpolation: str = "bicubic", scale: Sequence[float] = (0.2, 1.0)
 ) -> Callable:
-    """The authors' pre-training augmentation: RandomResizedCrop(scale 0.2-1, bicubic) + flip, nothing else."""
-    return v2.Compose(
-        [
-            _ToRGB(),
-            v2.RandomResizedCrop(input_size, scale=tuple(scale), interpolation=_interp(interpolation), antialias=True),
-            v2.RandomHorizontalFlip(),
-        ]
-        + _tensor_tail(mean, std)
-    )
+    """The authors' pre-training augmentation: RandomResizedCrop(scale 0.2-1, bicubic) + flip, nothing else
+    (``preprocessing.transforms.train_transform`` with that scale)."""
+    return train_transform(input_size, interpolation, mean, std, scale)
 
 
 class RandAugmentOp(v2.RandAugment):
@@ -297,13 +266,13 @@ def finetune_train_transform(
     RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3) -> flip -> RandAugment -> tensor, normalise ->
     RandomErasing(reprob; 'pixel' = per-pixel normal noise, timm's pixel mode)."""
     steps: list = [
-        _ToRGB(),
-        v2.RandomResizedCrop(input_size, scale=tuple(scale), ratio=(3 / 4, 4 / 3), interpolation=_interp(interpolation), antialias=True),
+        ToRGB(),
+        v2.RandomResizedCrop(input_size, scale=tuple(scale), ratio=(3 / 4, 4 / 3), interpolation=interpolation_mode(interpolation), antialias=True),
         v2.RandomHorizontalFlip(),
     ]
     if aa not in (None, "", "none"):
         steps.append(rand_augment(aa, mean))
-    steps += _tensor_tail(mean, std)
+    steps.append(to_normalized_tensor(mean, std))
     if reprob > 0:
         steps.append(v2.RandomErasing(p=reprob, value="random" if remode == "pixel" else 0))
     return v2.Compose(steps)
@@ -323,7 +292,7 @@ def eval_preprocessing(model_name: str, input_size: int, crop_pct: Optional[floa
     """Eval preprocessing from the checkpoint's manifest entry.
 
     The entry of ``model_name`` is used when its resolution is ``input_size``; otherwise another entry of
-    the same variant at that resolution, and failing that the authors' rule (§8): centre crop with
+    the same variant at that resolution, and failing that the authors' rule: centre crop with
     crop_pct 0.875 below 384, squash (crop_pct 1.0) at 384 and above. ``crop_pct`` overrides.
     """
     from ..checkpoints.registry import get_checkpoint, list_checkpoints, parse_model_name
@@ -346,9 +315,8 @@ def eval_preprocessing(model_name: str, input_size: int, crop_pct: Optional[floa
 
 
 def eval_transform(p: EvalPreprocessing) -> Callable:
-    from ..preprocessing.transforms import eval_transform as _eval
-
-    return _eval(p.resolution, p.crop_pct, p.crop_mode, p.interpolation, p.mean, p.std)
+    """``preprocessing.transforms.eval_transform`` with these settings."""
+    return preprocessing_eval_transform(p.resolution, p.crop_pct, p.crop_mode, p.interpolation, p.mean, p.std)
 
 
 # ------------------------------------------------------------------------------------------------

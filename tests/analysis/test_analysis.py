@@ -19,7 +19,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: see conftes
 
 
 def _brute_force_distance(x: torch.Tensor) -> float:
-    """The docs' formula literally: C x C cosines, (1 - cos)/2, mean over all (i, j) incl. i = j."""
+    """The formula of ``analysis.measures``' docstring, literally: C x C cosines, (1 - cos)/2, mean over
+    all (i, j) incl. i = j."""
     v = x.reshape(-1, x.shape[-1]).double().T  # (C, HW)
     c = v.shape[0]
     total = 0.0
@@ -41,7 +42,7 @@ def test_cosine_distance_identical_channels_is_zero():
 
 @pytest.mark.parametrize("c", [2, 16, 64])
 def test_cosine_distance_orthogonal_channels_is_half(c):
-    # One-hot spatial maps: every pair orthogonal. The docs' sum includes the C zero diagonal terms,
+    # One-hot spatial maps: every pair orthogonal. The formula's sum includes the C zero diagonal terms,
     # so D = 0.5 * (C^2 - C) / C^2, i.e. 0.5 in the limit of many channels.
     x = torch.eye(c).reshape(1, 1, c, c)  # (N=1, H=1, W=C, C)
     assert float(A.cosine_distance(x)) == pytest.approx(0.5 * (1 - 1 / c), abs=1e-6)
@@ -361,3 +362,22 @@ def test_timm_models_are_read_at_the_same_positions(variant):
     v1 = A.compute_cosine_distance(timm.create_model(f"convnext_{variant}", pretrained=False, num_classes=0,
                                                      depths=ours.depths), batches, progress=False)
     assert v1.channels == a.channels
+
+
+def test_fcmae_show_input_is_the_fitted_photo_normalised(photo):
+    from PIL import ImageOps
+    from skimage import data as skimage_data
+
+    from convnextv2_hub.analysis.reconstruction import _load_image
+    from convnextv2_hub.preprocessing.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    chelsea = photo.parent / "chelsea.png"  # 451 x 300: an odd size difference, where resize-then-crop differs
+    Image.fromarray(skimage_data.chelsea()).save(chelsea)
+    for path in (photo, chelsea):
+        with Image.open(path) as img:
+            fitted = ImageOps.fit(img.convert("RGB"), (64, 96), method=Image.Resampling.BICUBIC)
+        ref = torch.from_numpy(np.asarray(fitted, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        ref = (ref - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        x = _load_image(path, (96, 64))
+        assert x.shape == (1, 3, 96, 64)
+        assert torch.allclose(x[0], ref, atol=1e-6)

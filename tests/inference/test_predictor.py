@@ -105,3 +105,21 @@ def test_bad_arguments(model):
         Predictor(model, backend="eager")(torch.zeros(3, SIZE, SIZE))
     with pytest.raises(ValueError, match="classifier head"):
         Predictor(convnextv2("atto", num_classes=0))
+
+
+def test_files_and_pil_images_of_any_mode_classify_alike(model, photos, tmp_path):
+    """Files go through preprocessing.images.open_image, PIL images straight to the transform: the
+    transform's own to_rgb makes them agree, for palette and greyscale images too."""
+    with Image.open(photos[2]) as img:
+        palette = img.convert("P", palette=Image.Palette.ADAPTIVE)
+    with Image.open(photos[1]) as img:
+        grey = img.convert("L")
+    files = []
+    for name, img in (("palette.png", palette), ("grey.png", grey)):
+        files.append(str(tmp_path / name))
+        img.save(files[-1])
+    from_files = classify(model, files, topk=3)
+    from_images = classify(model, [palette, grey], topk=3)
+    for f, i in zip(from_files, from_images):
+        assert f.error is None and [label for label, _ in f.topk] == [label for label, _ in i.topk]
+        assert [p for _, p in f.topk] == pytest.approx([p for _, p in i.topk], abs=1e-6)
