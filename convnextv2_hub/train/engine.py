@@ -20,8 +20,8 @@ random numbers in the training process (drop path, FCMAE masks, mixup) uses the 
 states are saved per process at every checkpoint and restored last, just before the loop.
 
 Companion modules: ``distributed`` (torchrun processes), ``rng`` (RNG states), ``ema`` (``ModelEma``),
-``runlog`` (console, ``log.jsonl``, TensorBoard), ``atomic_files``, ``models`` (building the trained
-model) and ``evaluation`` (top-1/top-5 and the ``eval`` command).
+``runlog`` (console, ``log.jsonl``, TensorBoard), ``run`` (``Run``), ``models`` (building the trained
+model), ``evaluation`` (top-1/top-5 and the ``eval`` command) and ``convnextv2_hub.files`` (atomic writes).
 """
 from __future__ import annotations
 
@@ -30,7 +30,6 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -53,12 +52,13 @@ from .data import (
     find_split,
     finetune_train_transform,
 )
-from .distributed import DistEnv, _all_sum, _barrier, init_distributed, shutdown
+from .distributed import DistEnv, all_sum, barrier, init_distributed, shutdown
 from .ema import ModelEma
-from .evaluation import _amp_dtype, _eval_loader, evaluate
+from .evaluation import amp_dtype, eval_loader, evaluate
 from .models import build_finetune_model, build_pretrain_model
 from .optim import absolute_lr, build_optimizer, lr_at, set_lr
 from .rng import capture_rng, restore_rng, seed_all
+from .run import Run  # importable from here too, where it was defined before train.run
 from .runlog import Logger
 
 STATE_FILE = "checkpoint-last.pt"
@@ -69,23 +69,6 @@ STATE_FORMAT = "convnextv2_hub.train/1"
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; the run stopped without writing a checkpoint."""
-
-
-@dataclass
-class Run:
-    """One invocation: the mode, what the flags gave, and the resolved config."""
-
-    mode: str
-    model: str
-    data_path: str
-    output_dir: Optional[str]
-    cfg: Dict[str, Any]
-    init: Optional[str] = None
-    pretrained: bool = False
-    resume: Optional[str] = None
-    device: str = "auto"
-    recipe: Optional[str] = None
-    notes: Dict[str, str] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -122,7 +105,7 @@ def train(run: Run) -> Dict[str, Any]:
     try:
         if env.is_main:
             out.mkdir(parents=True, exist_ok=True)
-        _barrier(env)
+        barrier(env)
         logger = Logger(out, env, cfg["tensorboard"])
         seed_all(cfg["seed"] + env.rank)
         update_freq, eff_batch = C.effective_batch(cfg, env.world_size)
@@ -172,7 +155,7 @@ def train(run: Run) -> Dict[str, Any]:
             train_ds, batch_size=bs, sampler=sampler, num_workers=num_workers, collate_fn=collate, drop_last=True,
             pin_memory=cfg["pin_mem"] and env.device.type == "cuda", generator=loader_gen,
         )
-        val_loader, val_shard = _eval_loader(val_ds, cfg, env, num_workers) if val_ds is not None else (None, False)
+        val_loader, val_shard = eval_loader(val_ds, cfg, env, num_workers) if val_ds is not None else (None, False)
 
         # ---- model, EMA, optimiser
         raw: nn.Module = build_pretrain_model(run) if mode == "pretrain" else build_finetune_model(run, num_classes, logger)
@@ -183,7 +166,7 @@ def train(run: Run) -> Dict[str, Any]:
             (raw.encoder if mode == "pretrain" else raw).set_grad_checkpointing(True)
         ema = ModelEma(raw, cfg["model_ema_decay"]) if (mode == "finetune" and cfg["model_ema"]) else None
         optimizer = build_optimizer(raw, cfg, mode, lr)
-        amp = _amp_dtype(cfg)
+        amp = amp_dtype(cfg)
         scaler = torch.amp.GradScaler(env.device.type, enabled=amp == torch.float16)
 
         resolved = dict(cfg, update_freq=update_freq, lr=lr)
@@ -331,7 +314,7 @@ def train(run: Run) -> Dict[str, Any]:
                 if not boundary:
                     continue
                 if env.distributed:
-                    bad = _all_sum([1.0 if pending_nonfinite else 0.0], env)[0]
+                    bad = all_sum([1.0 if pending_nonfinite else 0.0], env)[0]
                     if bad:
                         v, at = pending_nonfinite or (float("nan"), i)
                         raise NonFiniteLossError(_nonfinite_message(v, epoch, at, global_step, out, ckpt_info))
@@ -348,7 +331,7 @@ def train(run: Run) -> Dict[str, Any]:
                     bar.update(update_freq)
                 if global_step % cfg["log_interval"] == 0:
                     elapsed = time.perf_counter() - t_log
-                    mean_loss = _all_sum([loss_log, float(n_log)], env)
+                    mean_loss = all_sum([loss_log, float(n_log)], env)
                     entry = {
                         "type": "step", "epoch": epoch, "micro": i + 1, "global_step": global_step,
                         "loss": mean_loss[0] / max(mean_loss[1], 1), "lr": max(g["lr"] for g in optimizer.param_groups),
@@ -367,7 +350,7 @@ def train(run: Run) -> Dict[str, Any]:
                 bar.close()
 
             # ---- end of epoch: evaluate, log, save
-            loss_sum, count, skipped_sum = _all_sum([sums["loss"], sums["count"], sums["skipped"]], env)
+            loss_sum, count, skipped_sum = all_sum([sums["loss"], sums["count"], sums["skipped"]], env)
             entry: Dict[str, Any] = {
                 "type": "epoch", "epoch": epoch, "global_step": global_step, "train_loss": loss_sum / max(count, 1),
                 "lr": max(g["lr"] for g in optimizer.param_groups), "skipped_images": int(skipped_sum),
@@ -395,7 +378,7 @@ def train(run: Run) -> Dict[str, Any]:
                 save_state(epoch + 1, 0, loader_gen.get_state())
                 save_weights(epoch + 1)
                 ckpt_info = f"epoch {epoch + 1}, iteration 0, step {global_step}"
-            _barrier(env)
+            barrier(env)
         logger.close()
         return {"output_dir": str(out), "global_step": global_step, "eval": last_eval,
                 "weights": str(out / WEIGHTS_FILE), "state": str(out / STATE_FILE)}
