@@ -81,6 +81,17 @@ def test_recipe_tables_12_13(variant):
         assert r["model_ema_decay"] == 0.9999
 
 
+def test_recipe_file_notes_key_holds_notes_not_values(tmp_path):
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"mode": "finetune", "common": {"epochs": 7, C.NOTES_KEY: {"epochs": "my choice"}},
+                                "sizes": {"atto": {"blr": 1e-3, C.NOTES_KEY: {"blr": "tuned"}}}}))
+    values, notes = C.load_recipe(str(path)).row("atto")
+    assert values == {"epochs": 7, "blr": 1e-3} and notes == {"epochs": "my choice", "blr": "tuned"}
+    path.write_text(json.dumps({"mode": "finetune", "common": {"sources": {}}}))
+    with pytest.raises(C.ConfigError, match="unknown config key 'sources'"):
+        C.load_recipe(str(path))
+
+
 def test_recipes_without_a_row_for_a_size_say_so():
     with pytest.raises(C.ConfigError, match="no row for 'atto'"):
         C.load_recipe("finetune_in22k").row("atto")
