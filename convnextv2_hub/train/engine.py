@@ -66,7 +66,7 @@ from .evaluation import amp_dtype, eval_loader, evaluate
 from .models import build_finetune_model, build_pretrain_model
 from .optim import absolute_lr, build_optimizer, lr_at, set_lr
 from .rng import capture_rng, restore_rng, seed_all
-from .run import Run  # importable from here too, where it was defined before train.run
+from .run import Run  # also importable from here: ``from convnextv2_hub.train.engine import Run``
 from .runlog import Logger
 
 STATE_FILE = "checkpoint-last.pt"
