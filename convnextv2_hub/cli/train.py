@@ -96,8 +96,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(json.dumps({"config": cfg, "sources": notes}, indent=2))
         return 0
 
-    from ..train.engine import NonFiniteLossError, Run, train
+    from ..train.engine import NonFiniteLossError, train
     from ..train.evaluation import run_eval
+    from ..train.run import Run
 
     run = Run(
         mode=args.command, model=args.model, data_path=args.data, output_dir=args.output, cfg=cfg,

@@ -83,9 +83,10 @@ KEYS: Dict[str, Tuple[Any, str, str]] = {
 # Keys that come from command-line flags, not from recipes or --set.
 FLAG_KEYS = ("model", "data_path", "output_dir", "finetune", "pretrained", "resume", "device", "recipe")
 
-MODES = ("pretrain", "finetune", "eval")
 DEFAULT_RECIPE = {"pretrain": "fcmae_pretrain", "finetune": "finetune_in1k"}
-_RESERVED_ROW_KEYS = ("source",)
+# The key of a recipe row (``common`` or a size) that holds notes, not values: {config key: where its
+# value comes from}. ``Recipe.row`` returns them next to the values; they go into config.json.
+NOTES_KEY = "source"
 
 
 class ConfigError(ValueError):
@@ -192,7 +193,7 @@ class Recipe:
         notes: Dict[str, str] = {}
         for part in (self.common, self.sizes.get(variant, {})):
             for k, v in part.items():
-                if k == "source":
+                if k == NOTES_KEY:
                     notes.update(v)
                 else:
                     values[k] = coerce(k, v, where=f"recipe {self.name}")
@@ -219,7 +220,7 @@ def load_recipe(name_or_path: str) -> Recipe:
     raw = json.loads(text)
     for section in [raw.get("common", {})] + list(raw.get("sizes", {}).values()):
         for k in section:
-            if k not in _RESERVED_ROW_KEYS and k not in KEYS:
+            if k != NOTES_KEY and k not in KEYS:
                 raise _unknown_key(k, f"recipe {path}")
     if raw.get("mode") not in ("pretrain", "finetune"):
         raise ConfigError(f"recipe {path}: 'mode' must be 'pretrain' or 'finetune'")

@@ -52,7 +52,8 @@ def shutdown(env: DistEnv) -> None:
         dist.destroy_process_group()
 
 
-def _all_sum(values: List[float], env: DistEnv) -> List[float]:
+def all_sum(values: List[float], env: DistEnv) -> List[float]:
+    """The element-wise sum of ``values`` over all processes (float64); ``values`` itself with one process."""
     if not env.distributed:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=env.device)
@@ -60,6 +61,7 @@ def _all_sum(values: List[float], env: DistEnv) -> List[float]:
     return t.tolist()
 
 
-def _barrier(env: DistEnv) -> None:
+def barrier(env: DistEnv) -> None:
+    """Wait for every process (nothing to wait for with one)."""
     if env.distributed:
         dist.barrier()

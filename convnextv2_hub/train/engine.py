@@ -1,4 +1,10 @@
-"""The training and evaluation loop: FCMAE pre-training, fine-tuning, evaluation.
+"""The training loop: FCMAE pre-training and fine-tuning, with evaluation during training.
+
+``train(run)`` reads as its outline: set up the output folder, log, seeds, effective batch and lr
+(``_setup``); build the datasets and loaders (``_build_data``); build the model, EMA, optimiser and
+grad scaler (``_build_model``); load ``--resume``'s training state (``_resume``); write
+``config.json``; wrap the model (torch.compile, DDP, mixup/cutmix); restore the RNG states; then per
+epoch, train (``_train_epoch``) and close the epoch: evaluate, log, save (``_end_epoch``).
 
 What a run writes into its output folder (all by rank 0, all atomically: temporary file, fsync,
 rename, so a kill at any moment leaves either the previous file or the complete new one):
@@ -19,9 +25,10 @@ epoch, index), so restarting in the middle of an epoch replays the same pixels (
 random numbers in the training process (drop path, FCMAE masks, mixup) uses the global RNGs, whose
 states are saved per process at every checkpoint and restored last, just before the loop.
 
-Companion modules: ``distributed`` (torchrun processes), ``rng`` (RNG states), ``ema`` (``ModelEma``),
-``runlog`` (console, ``log.jsonl``, TensorBoard), ``atomic_files``, ``models`` (building the trained
-model) and ``evaluation`` (top-1/top-5 and the ``eval`` command).
+Companion modules: ``run`` (``Run``, the input; also importable from here), ``distributed``
+(torchrun processes), ``rng`` (RNG states), ``ema`` (``ModelEma``), ``runlog`` (console,
+``log.jsonl``, TensorBoard), ``models`` (building the trained model), ``evaluation`` (top-1/top-5
+and the ``eval`` command) and ``convnextv2_hub.files`` (the atomic writes).
 """
 from __future__ import annotations
 
@@ -53,12 +60,13 @@ from .data import (
     find_split,
     finetune_train_transform,
 )
-from .distributed import DistEnv, _all_sum, _barrier, init_distributed, shutdown
+from .distributed import DistEnv, all_sum, barrier, init_distributed, shutdown
 from .ema import ModelEma
-from .evaluation import _amp_dtype, _eval_loader, evaluate
+from .evaluation import amp_dtype, eval_loader, evaluate
 from .models import build_finetune_model, build_pretrain_model
 from .optim import absolute_lr, build_optimizer, lr_at, set_lr
 from .rng import capture_rng, restore_rng, seed_all
+from .run import Run  # also importable from here: ``from convnextv2_hub.train.engine import Run``
 from .runlog import Logger
 
 STATE_FILE = "checkpoint-last.pt"
@@ -71,26 +79,6 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; the run stopped without writing a checkpoint."""
 
 
-@dataclass
-class Run:
-    """One invocation: the mode, what the flags gave, and the resolved config."""
-
-    mode: str
-    model: str
-    data_path: str
-    output_dir: Optional[str]
-    cfg: Dict[str, Any]
-    init: Optional[str] = None
-    pretrained: bool = False
-    resume: Optional[str] = None
-    device: str = "auto"
-    recipe: Optional[str] = None
-    notes: Dict[str, str] = field(default_factory=dict)
-
-
-# ------------------------------------------------------------------------------------------------
-# Training
-# ------------------------------------------------------------------------------------------------
 def find_resume(run: Run) -> Optional[Path]:
     if not run.resume:
         return None
@@ -111,296 +99,461 @@ def _nonfinite_message(loss: float, epoch: int, micro: int, step: int, out: Path
     )
 
 
+# ------------------------------------------------------------------------------------------------
+# The pieces of a run
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class _Setup:
+    """What is fixed for the whole run: flags, config, processes, output folder, log, batch and lr."""
+
+    run: Run
+    cfg: Dict[str, Any]
+    env: DistEnv
+    out: Path
+    logger: Logger
+    update_freq: int
+    eff_batch: int
+    lr: float
+    resolved: Dict[str, Any]  # cfg with update_freq and lr as run: config.json and the training state
+
+    @property
+    def mode(self) -> str:
+        return self.run.mode
+
+
+@dataclass
+class _Data:
+    """The training set and its loader (sampler, generator), the evaluation loader, the epoch's length."""
+
+    train_ds: Any
+    sampler: TrainSampler
+    loader: Any
+    loader_gen: torch.Generator
+    val_loader: Any
+    val_shard: bool
+    num_classes: int
+    batch_size: int
+    micro_per_epoch: int  # forward passes per epoch, a multiple of update_freq
+    steps_per_epoch: int  # optimiser steps per epoch
+
+
+@dataclass
+class _Model:
+    """The trained model, its EMA, optimiser and grad scaler; after ``_wrap_model`` also the module the
+    forward pass goes through (compiled, DDP), the one evaluation uses, and mixup/cutmix."""
+
+    raw: nn.Module
+    ema: Optional[ModelEma]
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp: Optional[torch.dtype]
+    fwd: Optional[nn.Module] = None
+    eval_model: Optional[nn.Module] = None
+    mixer: Optional[MixupCutmix] = None
+
+
+def _zero_sums() -> Dict[str, float]:
+    return {"loss": 0.0, "count": 0.0, "skipped": 0.0}
+
+
+@dataclass
+class _Progress:
+    """Where the run is: the position it (re)starts at, the optimiser step count, the current epoch's
+    loss sums, the best evaluation, the last checkpoint written and the RNG states to restore."""
+
+    epoch: int = 0
+    micro: int = 0
+    global_step: int = 0
+    sums: Dict[str, float] = field(default_factory=_zero_sums)
+    best: Dict[str, Any] = field(default_factory=dict)
+    ckpt_info: str = "none yet"
+    rng: Optional[Dict[str, Any]] = None
+
+
+@dataclass
+class _LogWindow:
+    """Loss and images since the last step line of ``log.jsonl``."""
+
+    start: float = field(default_factory=time.perf_counter)
+    images: int = 0
+    loss: float = 0.0
+    n: int = 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------
 def train(run: Run) -> Dict[str, Any]:
     """Pre-train (``run.mode == 'pretrain'``) or fine-tune; returns a summary dict."""
-    from torch.utils.data import DataLoader
-
-    cfg = run.cfg
-    mode = run.mode
     env = init_distributed(run.device)
-    out = Path(run.output_dir or "runs/" + mode)
+    out = Path(run.output_dir or "runs/" + run.mode)
     try:
-        if env.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-        _barrier(env)
-        logger = Logger(out, env, cfg["tensorboard"])
-        seed_all(cfg["seed"] + env.rank)
-        update_freq, eff_batch = C.effective_batch(cfg, env.world_size)
-        lr = absolute_lr(cfg, eff_batch)
-        if cfg["eff_batch_size"] and eff_batch != cfg["eff_batch_size"] and cfg["lr"] is None:
-            logger.info(f"note: effective batch {eff_batch} differs from the recipe's {cfg['eff_batch_size']}; "
-                        f"lr = blr * {eff_batch} / 256 = {lr:.3g}")
-
-        # ---- data
-        train_loc = find_split(run.data_path, "train")
-        if train_loc is None:
-            raise FileNotFoundError(f"no training data: expected {run.data_path}/train/ (ImageFolder) or {run.data_path}/train.txt")
-        prep = eval_preprocessing(run.model, cfg["input_size"], cfg["crop_pct"], cfg["imagenet_default_mean_and_std"])
-        if mode == "pretrain":
-            tf = fcmae_train_transform(cfg["input_size"], prep.mean, prep.std, cfg["train_interpolation"], cfg["train_crop_scale"] or (0.2, 1.0))
-        else:
-            tf = finetune_train_transform(cfg["input_size"], prep.mean, prep.std, cfg["aa"], cfg["reprob"], cfg["remode"],
-                                          cfg["train_interpolation"], cfg["train_crop_scale"] or (0.08, 1.0))
-        train_ds = build_dataset(train_loc, tf)
-        val_ds = None
-        num_classes = 0
-        if mode == "finetune":
-            num_classes = cfg["nb_classes"] or len(train_ds.classes)
-            if min(lab for _, lab in train_ds.samples) < 0:
-                raise ValueError(f"{train_loc}: fine-tuning needs a label for every image")
-            val_loc = find_split(run.data_path, "val")
-            if val_loc is not None:
-                val_ds = build_dataset(val_loc, eval_transform(prep))
-                if not val_loc.is_file() and not train_loc.is_file() and val_ds.classes != train_ds.classes:
-                    raise ValueError(f"train/ and val/ have different class folders ({len(train_ds.classes)} vs {len(val_ds.classes)})")
-            else:
-                logger.info(f"note: no {run.data_path}/val: no evaluation during training")
-
-        bs = cfg["batch_size"]
-        sampler = TrainSampler(len(train_ds), env.world_size, env.rank, seed=cfg["seed"])
-        micro_per_epoch = (sampler.num_samples // bs) // update_freq * update_freq
-        if micro_per_epoch == 0:
-            raise ValueError(
-                f"{len(train_ds)} images are fewer than one optimiser step needs "
-                f"(batch_size {bs} x update_freq {update_freq} x {env.world_size} processes)"
-            )
-        steps_per_epoch = micro_per_epoch // update_freq
-        num_workers = cfg["num_workers"] if cfg["num_workers"] is not None else default_num_workers(env.world_size)
-        loader_gen = torch.Generator()
-        loader_gen.manual_seed(cfg["seed"] + env.rank)
-        loader = DataLoader(
-            train_ds, batch_size=bs, sampler=sampler, num_workers=num_workers, collate_fn=collate, drop_last=True,
-            pin_memory=cfg["pin_mem"] and env.device.type == "cuda", generator=loader_gen,
-        )
-        val_loader, val_shard = _eval_loader(val_ds, cfg, env, num_workers) if val_ds is not None else (None, False)
-
-        # ---- model, EMA, optimiser
-        raw: nn.Module = build_pretrain_model(run) if mode == "pretrain" else build_finetune_model(run, num_classes, logger)
-        raw.to(env.device)
-        if cfg["channels_last"]:
-            raw.to(memory_format=torch.channels_last)
-        if cfg["grad_checkpointing"]:
-            (raw.encoder if mode == "pretrain" else raw).set_grad_checkpointing(True)
-        ema = ModelEma(raw, cfg["model_ema_decay"]) if (mode == "finetune" and cfg["model_ema"]) else None
-        optimizer = build_optimizer(raw, cfg, mode, lr)
-        amp = _amp_dtype(cfg)
-        scaler = torch.amp.GradScaler(env.device.type, enabled=amp == torch.float16)
-
-        resolved = dict(cfg, update_freq=update_freq, lr=lr)
-        meta = {
-            "mode": mode, "model": run.model, "data_path": run.data_path, "output_dir": str(out), "recipe": run.recipe,
-            "finetune": run.init, "pretrained": run.pretrained, "device": str(env.device), "world_size": env.world_size,
-            "effective_batch": eff_batch, "num_classes": num_classes, "train_images": len(train_ds),
-            "steps_per_epoch": steps_per_epoch,
-        }
-
-        # ---- resume
-        start_epoch, start_micro, global_step = 0, 0, 0
-        sums = {"loss": 0.0, "count": 0.0, "skipped": 0.0}
-        best: Dict[str, Any] = {}
-        rng_to_restore: Optional[Dict[str, Any]] = None
-        ckpt_path = find_resume(run)
-        ckpt_info = "none yet"
-        if ckpt_path is not None:
-            state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-            if state.get("format") != STATE_FORMAT or state.get("mode") != mode:
-                raise ValueError(f"{ckpt_path} is not a {mode} training state of this trainer")
-            raw.load_state_dict(state["model"])
-            if ema is not None and state.get("ema") is not None:
-                ema.load_state_dict(state["ema"])
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-            start_epoch, start_micro, global_step = state["epoch"], state["micro"], state["global_step"]
-            sums = dict(state["epoch_sums"])
-            best = dict(state.get("best", {}))
-            if state["world_size"] == env.world_size and state["micro_per_epoch"] == micro_per_epoch:
-                rng_to_restore = state["rng"][env.rank]
-                loader_gen.set_state(state["loader_generator"][env.rank])
-            else:
-                logger.info("warning: world size or batch layout changed since the checkpoint; continuing with fresh RNG "
-                            "streams at the next epoch boundary (not bit-exact)")
-                if start_micro:
-                    start_epoch, start_micro = start_epoch + 1, 0
-                    sums = {"loss": 0.0, "count": 0.0, "skipped": 0.0}
-            changed = {k: (state["config"].get(k), v) for k, v in resolved.items() if state["config"].get(k) != v}
-            if changed:
-                logger.info(f"note: config differs from the checkpoint's: {changed}")
-            logger.truncate_after(start_epoch, global_step)
-            ckpt_info = f"epoch {start_epoch}, iteration {start_micro}, step {global_step}"
-            logger.info(f"resumed from {ckpt_path}: {ckpt_info}")
-
-        if env.is_main:
-            atomic_write_json(out / "config.json", {"run": meta, "config": resolved, "sources": run.notes})
-        logger.info(json.dumps({"run": meta, "config": resolved}, indent=1, default=str))
-
-        # ---- wrapping
-        fwd: nn.Module = torch.compile(raw) if cfg["compile"] else raw
-        eval_model = fwd
-        if env.distributed:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            fwd = DDP(fwd, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-        mixer = None
-        if mode == "finetune" and (cfg["mixup"] > 0 or cfg["cutmix"] > 0):
-            mixer = MixupCutmix(cfg["mixup"], cfg["cutmix"], cfg["mixup_prob"], cfg["mixup_switch_prob"], cfg["smoothing"], num_classes)
-
-        def save_state(epoch: int, micro: int, gen_state: torch.Tensor) -> None:
-            rng = capture_rng(env.device)
-            rngs: List[Any] = [rng]
-            gens: List[Any] = [gen_state]
-            if env.distributed:
-                rngs = [None] * env.world_size
-                gens = [None] * env.world_size
-                dist.all_gather_object(rngs, rng)
-                dist.all_gather_object(gens, gen_state)
-            if env.is_main:
-                atomic_torch_save(out / STATE_FILE, {
-                    "format": STATE_FORMAT, "mode": mode, "model": raw.state_dict(),
-                    "ema": ema.state_dict() if ema is not None else None,
-                    "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                    "epoch": epoch, "micro": micro, "global_step": global_step, "micro_per_epoch": micro_per_epoch,
-                    "epoch_sums": dict(sums), "best": best, "rng": rngs, "loader_generator": gens,
-                    "world_size": env.world_size, "config": resolved,
-                })
-
-        def save_weights(epoch: int) -> None:
-            if not env.is_main:
-                return
-            info = {"epoch": str(epoch), "global_step": str(global_step), "recipe": str(run.recipe)}
-            if mode == "pretrain":
-                raw.save(out / WEIGHTS_FILE)
-            else:
-                from ..checkpoints.io import save_checkpoint
-
-                save_checkpoint(raw, out / WEIGHTS_FILE, metadata=info)
-                if ema is not None:
-                    save_checkpoint(ema.module, out / EMA_WEIGHTS_FILE, metadata=dict(info, ema="true"))
-
-        def train_loss(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            if mode == "pretrain":
-                return fwd(images)[0]
-            if mixer is not None:
-                images, target = mixer(images, labels)
-                return F.cross_entropy(fwd(images).float(), target)
-            return F.cross_entropy(fwd(images).float(), labels, label_smoothing=cfg["smoothing"])
-
-        # ---- loop
-        if rng_to_restore is not None:
-            restore_rng(rng_to_restore, env.device)  # last: nothing above may draw from it
-        fwd.train()
-        optimizer.zero_grad(set_to_none=True)
+        s = _setup(run, env, out)
+        data = _build_data(s)
+        model = _build_model(s, data)
+        progress = _resume(s, data, model)
+        _write_config(s, data)
+        _wrap_model(s, data, model)
+        if progress.rng is not None:
+            restore_rng(progress.rng, env.device)  # last: nothing above may draw from it
+        model.fwd.train()
+        model.optimizer.zero_grad(set_to_none=True)
         last_eval: Dict[str, Any] = {}
-        for epoch in range(start_epoch, cfg["epochs"]):
-            first = start_micro if epoch == start_epoch else 0
-            if first == 0:
-                sums = {"loss": 0.0, "count": 0.0, "skipped": 0.0}
-            sampler.set_epoch(epoch)
-            sampler.set_start(first * bs)
-            gen_at_epoch_start = loader_gen.get_state()
-            t_epoch = time.perf_counter()
-            t_log, imgs_log, loss_log, n_log = time.perf_counter(), 0, 0.0, 0
-            bar = _progress(env, micro_per_epoch, first, f"{mode} {epoch + 1}/{cfg['epochs']}")
-            pending_nonfinite: Optional[Tuple[float, int]] = None
-            for i, (images, labels, skipped) in zip(range(first, micro_per_epoch), loader):
-                if i % update_freq == 0:
-                    cur_lr = lr_at(epoch + i / micro_per_epoch, lr, cfg["min_lr"], cfg["warmup_epochs"], cfg["epochs"])
-                    set_lr(optimizer, cur_lr)
-                images = images.to(env.device, non_blocking=True)
-                if cfg["channels_last"]:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                labels = labels.to(env.device, non_blocking=True)
-                boundary = (i + 1) % update_freq == 0
-                sync = contextlib.nullcontext() if (boundary or not env.distributed) else fwd.no_sync()
-                with sync:
-                    with torch.autocast(env.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                        loss = train_loss(images, labels)
-                    loss_value = float(loss.detach())
-                    if not math.isfinite(loss_value):
-                        if not env.distributed:
-                            raise NonFiniteLossError(_nonfinite_message(loss_value, epoch, i, global_step, out, ckpt_info))
-                        pending_nonfinite = pending_nonfinite or (loss_value, i)
-                    # Every process runs backward even on a bad loss: DDP's gradient all-reduce
-                    # needs all of them; the step is refused below, together.
-                    scaler.scale(loss / update_freq).backward()
-                sums["loss"] += loss_value if math.isfinite(loss_value) else 0.0
-                sums["count"] += 1
-                sums["skipped"] += skipped
-                loss_log += loss_value
-                n_log += 1
-                imgs_log += images.shape[0] * env.world_size
-                if not boundary:
-                    continue
-                if env.distributed:
-                    bad = _all_sum([1.0 if pending_nonfinite else 0.0], env)[0]
-                    if bad:
-                        v, at = pending_nonfinite or (float("nan"), i)
-                        raise NonFiniteLossError(_nonfinite_message(v, epoch, at, global_step, out, ckpt_info))
-                if cfg["clip_grad"] is not None:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg["clip_grad"])
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema.update(raw)
-                global_step += 1
-                if bar is not None:
-                    bar.update(update_freq)
-                if global_step % cfg["log_interval"] == 0:
-                    elapsed = time.perf_counter() - t_log
-                    mean_loss = _all_sum([loss_log, float(n_log)], env)
-                    entry = {
-                        "type": "step", "epoch": epoch, "micro": i + 1, "global_step": global_step,
-                        "loss": mean_loss[0] / max(mean_loss[1], 1), "lr": max(g["lr"] for g in optimizer.param_groups),
-                        "img_s": imgs_log / max(elapsed, 1e-9),
-                    }
-                    logger.record(entry)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.3g}", img_s=f"{entry['img_s']:.1f}")
-                    elif env.is_main:
-                        logger.info(f"epoch {epoch} step {global_step} loss {entry['loss']:.4f} lr {entry['lr']:.3g} {entry['img_s']:.1f} img/s")
-                    t_log, imgs_log, loss_log, n_log = time.perf_counter(), 0, 0.0, 0
-                if cfg["save_ckpt_steps"] and global_step % cfg["save_ckpt_steps"] == 0 and i + 1 < micro_per_epoch:
-                    save_state(epoch, i + 1, gen_at_epoch_start)
-                    ckpt_info = f"epoch {epoch}, iteration {i + 1}, step {global_step}"
-            if bar is not None:
-                bar.close()
-
-            # ---- end of epoch: evaluate, log, save
-            loss_sum, count, skipped_sum = _all_sum([sums["loss"], sums["count"], sums["skipped"]], env)
-            entry: Dict[str, Any] = {
-                "type": "epoch", "epoch": epoch, "global_step": global_step, "train_loss": loss_sum / max(count, 1),
-                "lr": max(g["lr"] for g in optimizer.param_groups), "skipped_images": int(skipped_sum),
-                "time_s": time.perf_counter() - t_epoch,
-            }
-            if val_loader is not None:
-                last_eval = {"epoch": epoch, **evaluate(eval_model, val_loader, env, amp, cfg["channels_last"], reduce=val_shard)}
-                entry["val"] = {k: last_eval[k] for k in ("top1", "top5", "loss")}
-                if ema is not None and cfg["model_ema_eval"]:
-                    last_eval["ema"] = evaluate(ema.module, val_loader, env, amp, cfg["channels_last"], reduce=val_shard)
-                    entry["val_ema"] = {k: last_eval["ema"][k] for k in ("top1", "top5", "loss")}
-                if last_eval["top1"] >= best.get("top1", -1.0):
-                    best = {"top1": last_eval["top1"], "epoch": epoch}
-                last_eval["best"] = best
-            logger.record(entry)
-            logger.info(
-                f"epoch {epoch}: train loss {entry['train_loss']:.4f}"
-                + (f", val top-1 {entry['val']['top1']:.2f} top-5 {entry['val']['top5']:.2f}" if "val" in entry else "")
-                + (f", EMA top-1 {entry['val_ema']['top1']:.2f}" if "val_ema" in entry else "")
-                + (f", skipped {entry['skipped_images']} unreadable images" if entry["skipped_images"] else "")
-            )
-            if env.is_main and last_eval:
-                atomic_write_json(out / "eval.json", dict(last_eval, model=run.model, weights=str(out / WEIGHTS_FILE)))
-            if (epoch + 1) % cfg["save_ckpt_freq"] == 0 or epoch + 1 == cfg["epochs"]:
-                save_state(epoch + 1, 0, loader_gen.get_state())
-                save_weights(epoch + 1)
-                ckpt_info = f"epoch {epoch + 1}, iteration 0, step {global_step}"
-            _barrier(env)
-        logger.close()
-        return {"output_dir": str(out), "global_step": global_step, "eval": last_eval,
+        start_epoch = progress.epoch
+        for epoch in range(start_epoch, s.cfg["epochs"]):
+            first = progress.micro if epoch == start_epoch else 0
+            started = time.perf_counter()
+            _train_epoch(s, data, model, progress, epoch, first)
+            last_eval = _end_epoch(s, data, model, progress, epoch, started)
+        s.logger.close()
+        return {"output_dir": str(out), "global_step": progress.global_step, "eval": last_eval,
                 "weights": str(out / WEIGHTS_FILE), "state": str(out / STATE_FILE)}
     finally:
         shutdown(env)
+
+
+def _setup(run: Run, env: DistEnv, out: Path) -> _Setup:
+    """The output folder, the log, the seeds, the effective batch and the lr."""
+    cfg = run.cfg
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    barrier(env)
+    logger = Logger(out, env, cfg["tensorboard"])
+    seed_all(cfg["seed"] + env.rank)
+    update_freq, eff_batch = C.effective_batch(cfg, env.world_size)
+    lr = absolute_lr(cfg, eff_batch)
+    if cfg["eff_batch_size"] and eff_batch != cfg["eff_batch_size"] and cfg["lr"] is None:
+        logger.info(f"note: effective batch {eff_batch} differs from the recipe's {cfg['eff_batch_size']}; "
+                    f"lr = blr * {eff_batch} / 256 = {lr:.3g}")
+    return _Setup(run, cfg, env, out, logger, update_freq, eff_batch, lr, dict(cfg, update_freq=update_freq, lr=lr))
+
+
+def _datasets(s: _Setup) -> Tuple[Any, Any, int]:
+    """(training set, validation set or None, class count; 0 for pre-training)."""
+    run, cfg = s.run, s.cfg
+    train_loc = find_split(run.data_path, "train")
+    if train_loc is None:
+        raise FileNotFoundError(f"no training data: expected {run.data_path}/train/ (ImageFolder) or {run.data_path}/train.txt")
+    prep = eval_preprocessing(run.model, cfg["input_size"], cfg["crop_pct"], cfg["imagenet_default_mean_and_std"])
+    if s.mode == "pretrain":
+        tf = fcmae_train_transform(cfg["input_size"], prep.mean, prep.std, cfg["train_interpolation"], cfg["train_crop_scale"] or (0.2, 1.0))
+    else:
+        tf = finetune_train_transform(cfg["input_size"], prep.mean, prep.std, cfg["aa"], cfg["reprob"], cfg["remode"],
+                                      cfg["train_interpolation"], cfg["train_crop_scale"] or (0.08, 1.0))
+    train_ds = build_dataset(train_loc, tf)
+    val_ds = None
+    num_classes = 0
+    if s.mode == "finetune":
+        num_classes = cfg["nb_classes"] or len(train_ds.classes)
+        if min(lab for _, lab in train_ds.samples) < 0:
+            raise ValueError(f"{train_loc}: fine-tuning needs a label for every image")
+        val_loc = find_split(run.data_path, "val")
+        if val_loc is not None:
+            val_ds = build_dataset(val_loc, eval_transform(prep))
+            if not val_loc.is_file() and not train_loc.is_file() and val_ds.classes != train_ds.classes:
+                raise ValueError(f"train/ and val/ have different class folders ({len(train_ds.classes)} vs {len(val_ds.classes)})")
+        else:
+            s.logger.info(f"note: no {run.data_path}/val: no evaluation during training")
+    return train_ds, val_ds, num_classes
+
+
+def _build_data(s: _Setup) -> _Data:
+    """Datasets, the resumable training sampler and loader (its own seeded generator), the eval loader."""
+    from torch.utils.data import DataLoader
+
+    cfg, env = s.cfg, s.env
+    train_ds, val_ds, num_classes = _datasets(s)
+    bs = cfg["batch_size"]
+    sampler = TrainSampler(len(train_ds), env.world_size, env.rank, seed=cfg["seed"])
+    micro_per_epoch = (sampler.num_samples // bs) // s.update_freq * s.update_freq
+    if micro_per_epoch == 0:
+        raise ValueError(
+            f"{len(train_ds)} images are fewer than one optimiser step needs "
+            f"(batch_size {bs} x update_freq {s.update_freq} x {env.world_size} processes)"
+        )
+    num_workers = cfg["num_workers"] if cfg["num_workers"] is not None else default_num_workers(env.world_size)
+    loader_gen = torch.Generator()
+    loader_gen.manual_seed(cfg["seed"] + env.rank)
+    loader = DataLoader(
+        train_ds, batch_size=bs, sampler=sampler, num_workers=num_workers, collate_fn=collate, drop_last=True,
+        pin_memory=cfg["pin_mem"] and env.device.type == "cuda", generator=loader_gen,
+    )
+    val_loader, val_shard = eval_loader(val_ds, cfg, env, num_workers) if val_ds is not None else (None, False)
+    return _Data(train_ds, sampler, loader, loader_gen, val_loader, val_shard, num_classes, bs,
+                 micro_per_epoch, micro_per_epoch // s.update_freq)
+
+
+def _build_model(s: _Setup, data: _Data) -> _Model:
+    """The model on its device (memory format, grad checkpointing), EMA, AdamW and the grad scaler."""
+    cfg, env = s.cfg, s.env
+    raw: nn.Module = build_pretrain_model(s.run) if s.mode == "pretrain" else build_finetune_model(s.run, data.num_classes, s.logger)
+    raw.to(env.device)
+    if cfg["channels_last"]:
+        raw.to(memory_format=torch.channels_last)
+    if cfg["grad_checkpointing"]:
+        (raw.encoder if s.mode == "pretrain" else raw).set_grad_checkpointing(True)
+    ema = ModelEma(raw, cfg["model_ema_decay"]) if (s.mode == "finetune" and cfg["model_ema"]) else None
+    optimizer = build_optimizer(raw, cfg, s.mode, s.lr)
+    amp = amp_dtype(cfg)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=amp == torch.float16)
+    return _Model(raw, ema, optimizer, scaler, amp)
+
+
+def _resume(s: _Setup, data: _Data, model: _Model) -> _Progress:
+    """The training state of ``--resume`` loaded into ``model`` and the loader's generator; where to
+    continue. The RNG states are returned, not restored: that happens last, just before the loop."""
+    progress = _Progress()
+    ckpt_path = find_resume(s.run)
+    if ckpt_path is None:
+        return progress
+    env, logger = s.env, s.logger
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    if state.get("format") != STATE_FORMAT or state.get("mode") != s.mode:
+        raise ValueError(f"{ckpt_path} is not a {s.mode} training state of this trainer")
+    model.raw.load_state_dict(state["model"])
+    if model.ema is not None and state.get("ema") is not None:
+        model.ema.load_state_dict(state["ema"])
+    model.optimizer.load_state_dict(state["optimizer"])
+    model.scaler.load_state_dict(state["scaler"])
+    progress.epoch, progress.micro, progress.global_step = state["epoch"], state["micro"], state["global_step"]
+    progress.sums = dict(state["epoch_sums"])
+    progress.best = dict(state.get("best", {}))
+    if state["world_size"] == env.world_size and state["micro_per_epoch"] == data.micro_per_epoch:
+        progress.rng = state["rng"][env.rank]
+        data.loader_gen.set_state(state["loader_generator"][env.rank])
+    else:
+        logger.info("warning: world size or batch layout changed since the checkpoint; continuing with fresh RNG "
+                    "streams at the next epoch boundary (not bit-exact)")
+        if progress.micro:
+            progress.epoch, progress.micro = progress.epoch + 1, 0
+            progress.sums = _zero_sums()
+    changed = {k: (state["config"].get(k), v) for k, v in s.resolved.items() if state["config"].get(k) != v}
+    if changed:
+        logger.info(f"note: config differs from the checkpoint's: {changed}")
+    logger.truncate_after(progress.epoch, progress.global_step)
+    progress.ckpt_info = f"epoch {progress.epoch}, iteration {progress.micro}, step {progress.global_step}"
+    logger.info(f"resumed from {ckpt_path}: {progress.ckpt_info}")
+    return progress
+
+
+def _write_config(s: _Setup, data: _Data) -> None:
+    """``config.json`` (the run, the resolved config, the recipe's source notes) and its console echo."""
+    run, env = s.run, s.env
+    meta = {
+        "mode": s.mode, "model": run.model, "data_path": run.data_path, "output_dir": str(s.out), "recipe": run.recipe,
+        "finetune": run.init, "pretrained": run.pretrained, "device": str(env.device), "world_size": env.world_size,
+        "effective_batch": s.eff_batch, "num_classes": data.num_classes, "train_images": len(data.train_ds),
+        "steps_per_epoch": data.steps_per_epoch,
+    }
+    if env.is_main:
+        atomic_write_json(s.out / "config.json", {"run": meta, "config": s.resolved, "sources": run.notes})
+    s.logger.info(json.dumps({"run": meta, "config": s.resolved}, indent=1, default=str))
+
+
+def _wrap_model(s: _Setup, data: _Data, model: _Model) -> None:
+    """torch.compile and DDP around the loaded model (DDP broadcasts rank 0's weights); mixup/cutmix."""
+    cfg, env = s.cfg, s.env
+    fwd: nn.Module = torch.compile(model.raw) if cfg["compile"] else model.raw
+    model.eval_model = fwd
+    if env.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        fwd = DDP(fwd, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    model.fwd = fwd
+    if s.mode == "finetune" and (cfg["mixup"] > 0 or cfg["cutmix"] > 0):
+        model.mixer = MixupCutmix(cfg["mixup"], cfg["cutmix"], cfg["mixup_prob"], cfg["mixup_switch_prob"], cfg["smoothing"],
+                                  data.num_classes)
+
+
+def _train_epoch(s: _Setup, data: _Data, model: _Model, progress: _Progress, epoch: int, first: int) -> None:
+    """Micro-steps ``first`` .. the end of ``epoch``: forward/backward, an optimiser step every
+    ``update_freq``, step lines, the ``save_ckpt_steps`` checkpoints. A non-finite loss stops the run
+    (with DDP: at the next optimiser step, on every process together)."""
+    cfg, env = s.cfg, s.env
+    if first == 0:
+        progress.sums = _zero_sums()
+    data.sampler.set_epoch(epoch)
+    data.sampler.set_start(first * data.batch_size)
+    gen_at_epoch_start = data.loader_gen.get_state()
+    window = _LogWindow()
+    bar = _progress(env, data.micro_per_epoch, first, f"{s.mode} {epoch + 1}/{cfg['epochs']}")
+    pending_nonfinite: Optional[Tuple[float, int]] = None
+    for i, (images, labels, skipped) in zip(range(first, data.micro_per_epoch), data.loader):
+        if i % s.update_freq == 0:
+            set_lr(model.optimizer, lr_at(epoch + i / data.micro_per_epoch, s.lr, cfg["min_lr"], cfg["warmup_epochs"], cfg["epochs"]))
+        images = images.to(env.device, non_blocking=True)
+        if cfg["channels_last"]:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = labels.to(env.device, non_blocking=True)
+        boundary = (i + 1) % s.update_freq == 0
+        loss_value = _forward_backward(s, model, progress, images, labels, epoch, i, sync=boundary)
+        if not math.isfinite(loss_value):
+            pending_nonfinite = pending_nonfinite or (loss_value, i)
+        progress.sums["loss"] += loss_value if math.isfinite(loss_value) else 0.0
+        progress.sums["count"] += 1
+        progress.sums["skipped"] += skipped
+        window.loss += loss_value
+        window.n += 1
+        window.images += images.shape[0] * env.world_size
+        if not boundary:
+            continue
+        if env.distributed:
+            bad = all_sum([1.0 if pending_nonfinite else 0.0], env)[0]
+            if bad:
+                v, at = pending_nonfinite or (float("nan"), i)
+                raise NonFiniteLossError(_nonfinite_message(v, epoch, at, progress.global_step, s.out, progress.ckpt_info))
+        _optimizer_step(s, model)
+        progress.global_step += 1
+        if bar is not None:
+            bar.update(s.update_freq)
+        if progress.global_step % cfg["log_interval"] == 0:
+            _log_step(s, model, progress, window, bar, epoch, i)
+            window = _LogWindow()
+        if cfg["save_ckpt_steps"] and progress.global_step % cfg["save_ckpt_steps"] == 0 and i + 1 < data.micro_per_epoch:
+            _save_state(s, data, model, progress, epoch, i + 1, gen_at_epoch_start)
+            progress.ckpt_info = f"epoch {epoch}, iteration {i + 1}, step {progress.global_step}"
+    if bar is not None:
+        bar.close()
+
+
+def _forward_backward(s: _Setup, model: _Model, progress: _Progress, images: torch.Tensor, labels: torch.Tensor,
+                      epoch: int, i: int, sync: bool) -> float:
+    """One micro-step's loss, backward into the accumulated gradients; returns the loss value. With
+    DDP, ``sync`` is the micro-step whose backward all-reduces the gradients. A non-finite loss
+    raises at once in a single process; with DDP the caller stops the run at the optimiser step."""
+    env = s.env
+    no_sync = env.distributed and not sync
+    with model.fwd.no_sync() if no_sync else contextlib.nullcontext():
+        with torch.autocast(env.device.type, dtype=model.amp or torch.float32, enabled=model.amp is not None):
+            loss = _train_loss(s, model, images, labels)
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value) and not env.distributed:
+            raise NonFiniteLossError(_nonfinite_message(loss_value, epoch, i, progress.global_step, s.out, progress.ckpt_info))
+        # Every process runs backward even on a bad loss: DDP's gradient all-reduce
+        # needs all of them; the step is refused at the boundary, together.
+        model.scaler.scale(loss / s.update_freq).backward()
+    return loss_value
+
+
+def _train_loss(s: _Setup, model: _Model, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """FCMAE's reconstruction loss, or cross-entropy on (mixed, smoothed) targets."""
+    if s.mode == "pretrain":
+        return model.fwd(images)[0]
+    if model.mixer is not None:
+        images, target = model.mixer(images, labels)
+        return F.cross_entropy(model.fwd(images).float(), target)
+    return F.cross_entropy(model.fwd(images).float(), labels, label_smoothing=s.cfg["smoothing"])
+
+
+def _optimizer_step(s: _Setup, model: _Model) -> None:
+    """Gradient clipping, the (scaled) AdamW step, zeroed gradients, the EMA update."""
+    if s.cfg["clip_grad"] is not None:
+        model.scaler.unscale_(model.optimizer)
+        torch.nn.utils.clip_grad_norm_(model.raw.parameters(), s.cfg["clip_grad"])
+    model.scaler.step(model.optimizer)
+    model.scaler.update()
+    model.optimizer.zero_grad(set_to_none=True)
+    if model.ema is not None:
+        model.ema.update(model.raw)
+
+
+def _log_step(s: _Setup, model: _Model, progress: _Progress, window: _LogWindow, bar, epoch: int, i: int) -> None:
+    """A step line in ``log.jsonl``: mean loss over processes since the last one, lr, images/s; the
+    progress bar's postfix or, without a bar, a console line."""
+    env = s.env
+    elapsed = time.perf_counter() - window.start
+    mean_loss = all_sum([window.loss, float(window.n)], env)
+    entry = {
+        "type": "step", "epoch": epoch, "micro": i + 1, "global_step": progress.global_step,
+        "loss": mean_loss[0] / max(mean_loss[1], 1), "lr": max(g["lr"] for g in model.optimizer.param_groups),
+        "img_s": window.images / max(elapsed, 1e-9),
+    }
+    s.logger.record(entry)
+    if bar is not None:
+        bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.3g}", img_s=f"{entry['img_s']:.1f}")
+    elif env.is_main:
+        s.logger.info(f"epoch {epoch} step {progress.global_step} loss {entry['loss']:.4f} lr {entry['lr']:.3g} {entry['img_s']:.1f} img/s")
+
+
+def _end_epoch(s: _Setup, data: _Data, model: _Model, progress: _Progress, epoch: int, started: float) -> Dict[str, Any]:
+    """Evaluation (model, EMA), the epoch line, ``eval.json``, the ``save_ckpt_freq`` checkpoint and
+    weights; returns the epoch's evaluation (empty without a validation set)."""
+    cfg, env = s.cfg, s.env
+    loss_sum, count, skipped_sum = all_sum([progress.sums["loss"], progress.sums["count"], progress.sums["skipped"]], env)
+    entry: Dict[str, Any] = {
+        "type": "epoch", "epoch": epoch, "global_step": progress.global_step, "train_loss": loss_sum / max(count, 1),
+        "lr": max(g["lr"] for g in model.optimizer.param_groups), "skipped_images": int(skipped_sum),
+        "time_s": time.perf_counter() - started,
+    }
+    last_eval = _evaluate_epoch(s, data, model, progress, epoch, entry) if data.val_loader is not None else {}
+    s.logger.record(entry)
+    s.logger.info(
+        f"epoch {epoch}: train loss {entry['train_loss']:.4f}"
+        + (f", val top-1 {entry['val']['top1']:.2f} top-5 {entry['val']['top5']:.2f}" if "val" in entry else "")
+        + (f", EMA top-1 {entry['val_ema']['top1']:.2f}" if "val_ema" in entry else "")
+        + (f", skipped {entry['skipped_images']} unreadable images" if entry["skipped_images"] else "")
+    )
+    if env.is_main and last_eval:
+        atomic_write_json(s.out / "eval.json", dict(last_eval, model=s.run.model, weights=str(s.out / WEIGHTS_FILE)))
+    if (epoch + 1) % cfg["save_ckpt_freq"] == 0 or epoch + 1 == cfg["epochs"]:
+        _save_state(s, data, model, progress, epoch + 1, 0, data.loader_gen.get_state())
+        _save_weights(s, model, progress, epoch + 1)
+        progress.ckpt_info = f"epoch {epoch + 1}, iteration 0, step {progress.global_step}"
+    barrier(env)
+    return last_eval
+
+
+def _evaluate_epoch(s: _Setup, data: _Data, model: _Model, progress: _Progress, epoch: int, entry: Dict[str, Any]) -> Dict[str, Any]:
+    """Top-1/top-5 of the model (and the EMA with ``model_ema_eval``) into the epoch line ``entry``;
+    the best top-1 so far. Returns what ``eval.json`` gets."""
+    cfg = s.cfg
+    result = {"epoch": epoch, **evaluate(model.eval_model, data.val_loader, s.env, model.amp, cfg["channels_last"], reduce=data.val_shard)}
+    entry["val"] = {k: result[k] for k in ("top1", "top5", "loss")}
+    if model.ema is not None and cfg["model_ema_eval"]:
+        result["ema"] = evaluate(model.ema.module, data.val_loader, s.env, model.amp, cfg["channels_last"], reduce=data.val_shard)
+        entry["val_ema"] = {k: result["ema"][k] for k in ("top1", "top5", "loss")}
+    if result["top1"] >= progress.best.get("top1", -1.0):
+        progress.best = {"top1": result["top1"], "epoch": epoch}
+    result["best"] = progress.best
+    return result
+
+
+def _save_state(s: _Setup, data: _Data, model: _Model, progress: _Progress, epoch: int, micro: int, gen_state: torch.Tensor) -> None:
+    """``checkpoint-last.pt``: everything ``--resume`` needs to continue at (``epoch``, ``micro``)
+    bit-exactly, every process's RNG and loader generator states included (gathered to rank 0)."""
+    env = s.env
+    rng = capture_rng(env.device)
+    rngs: List[Any] = [rng]
+    gens: List[Any] = [gen_state]
+    if env.distributed:
+        rngs = [None] * env.world_size
+        gens = [None] * env.world_size
+        dist.all_gather_object(rngs, rng)
+        dist.all_gather_object(gens, gen_state)
+    if env.is_main:
+        atomic_torch_save(s.out / STATE_FILE, {
+            "format": STATE_FORMAT, "mode": s.mode, "model": model.raw.state_dict(),
+            "ema": model.ema.state_dict() if model.ema is not None else None,
+            "optimizer": model.optimizer.state_dict(), "scaler": model.scaler.state_dict(),
+            "epoch": epoch, "micro": micro, "global_step": progress.global_step, "micro_per_epoch": data.micro_per_epoch,
+            "epoch_sums": dict(progress.sums), "best": progress.best, "rng": rngs, "loader_generator": gens,
+            "world_size": env.world_size, "config": s.resolved,
+        })
+
+
+def _save_weights(s: _Setup, model: _Model, progress: _Progress, epoch: int) -> None:
+    """The weights as safetensors (rank 0): the whole FCMAE, or the classifier and its EMA."""
+    if not s.env.is_main:
+        return
+    info = {"epoch": str(epoch), "global_step": str(progress.global_step), "recipe": str(s.run.recipe)}
+    if s.mode == "pretrain":
+        model.raw.save(s.out / WEIGHTS_FILE)
+    else:
+        from ..checkpoints.io import save_checkpoint
+
+        save_checkpoint(model.raw, s.out / WEIGHTS_FILE, metadata=info)
+        if model.ema is not None:
+            save_checkpoint(model.ema.module, s.out / EMA_WEIGHTS_FILE, metadata=dict(info, ema="true"))
 
 
 def _progress(env: DistEnv, total: int, initial: int, desc: str):

@@ -3,7 +3,7 @@ released or own weights on a validation set."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Optional
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -11,10 +11,8 @@ from torch import nn
 
 from ..files import atomic_write_json
 from .data import ShardSampler, build_dataset, collate, default_num_workers, eval_preprocessing, eval_transform, find_split
-from .distributed import DistEnv, _all_sum, init_distributed, shutdown
-
-if TYPE_CHECKING:
-    from .engine import Run
+from .distributed import DistEnv, all_sum, init_distributed, shutdown
+from .run import Run
 
 
 @torch.no_grad()
@@ -43,7 +41,7 @@ def evaluate(model: nn.Module, loader, env: DistEnv, amp: Optional[torch.dtype],
         n += labels.numel()
         skipped += skip
     if reduce:
-        c1, c5, n, loss_sum, skipped = _all_sum([c1, c5, n, loss_sum, skipped], env)
+        c1, c5, n, loss_sum, skipped = all_sum([c1, c5, n, loss_sum, skipped], env)
     model.train(was_training)
     n_int = int(n)
     return {
@@ -55,7 +53,9 @@ def evaluate(model: nn.Module, loader, env: DistEnv, amp: Optional[torch.dtype],
     }
 
 
-def _eval_loader(ds, cfg: Dict[str, Any], env: DistEnv, num_workers: int):
+def eval_loader(ds, cfg: Dict[str, Any], env: DistEnv, num_workers: int):
+    """(loader, sharded): in order, sharded over processes when ``dist_eval`` (then the counts need
+    summing over processes), else the whole set on every process."""
     from torch.utils.data import DataLoader
 
     shard = cfg["dist_eval"] and env.distributed
@@ -69,7 +69,8 @@ def _eval_loader(ds, cfg: Dict[str, Any], env: DistEnv, num_workers: int):
     )
 
 
-def _amp_dtype(cfg: Dict[str, Any]) -> Optional[torch.dtype]:
+def amp_dtype(cfg: Dict[str, Any]) -> Optional[torch.dtype]:
+    """The autocast dtype of ``use_amp`` / ``amp_dtype``; None: no autocast."""
     if not cfg["use_amp"]:
         return None
     return torch.bfloat16 if cfg["amp_dtype"] == "bfloat16" else torch.float16
@@ -98,8 +99,8 @@ def run_eval(run: Run) -> Dict[str, Any]:
         if cfg["channels_last"]:
             model.to(memory_format=torch.channels_last)
         nw = cfg["num_workers"] if cfg["num_workers"] is not None else default_num_workers(env.world_size)
-        loader, shard = _eval_loader(ds, cfg, env, nw)
-        res = evaluate(model, loader, env, _amp_dtype(cfg), cfg["channels_last"], reduce=shard)
+        loader, shard = eval_loader(ds, cfg, env, nw)
+        res = evaluate(model, loader, env, amp_dtype(cfg), cfg["channels_last"], reduce=shard)
         res.update(
             model=run.model,
             weights=run.init or getattr(getattr(model, "checkpoint", None), "name", run.model),

@@ -3,13 +3,11 @@ weights) or the FCMAE for pre-training."""
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING
 
 from torch import nn
 
-if TYPE_CHECKING:
-    from .engine import Run
-    from .runlog import Logger
+from .run import Run
+from .runlog import Logger
 
 
 def _variant(model_name: str) -> str:

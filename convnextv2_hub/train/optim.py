@@ -1,5 +1,5 @@
 """AdamW parameter groups with the authors' layer-wise lr decay and no-weight-decay rules, and the
-per-step lr schedule (authors_implementation.md §6.2, §7).
+per-step lr schedule (the authors' ``adjust_learning_rate``).
 
 Layer ids, ``single`` (``get_num_layer_for_convnext_single``), num_layers = sum(depths):
     ``downsample_layers.i`` -> sum(depths[:i]) + 1 (the stem shares id 1 with block 0.0),

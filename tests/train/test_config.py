@@ -11,7 +11,7 @@ from convnextv2_hub.train import config as C
 from convnextv2_hub.train import optim as O
 
 # ------------------------------------------------------------------------------------------------
-# Recipes = paper_tables.md §4 (Tables 8-13), transcribed here by hand.
+# Recipes = the paper's Tables 8-13, transcribed here by hand.
 # ------------------------------------------------------------------------------------------------
 # (blr, weight_decay, layer_decay, layer_decay_type, warmup, epochs, smoothing, mixup, cutmix, drop_path)
 TABLES_9_11 = {
@@ -20,7 +20,7 @@ TABLES_9_11 = {
     "pico": (2e-4, 0.3, 0.9, "single", 0, 600, 0.2, 0.3, 0.3, 0.0),
     "nano": (2e-4, 0.3, 0.9, "single", 0, 600, 0.2, 0.5, 0.5, 0.1),
     "tiny": (8e-4, 0.05, 0.9, "single", 40, 300, 0.1, 0.8, 1.0, 0.2),
-    # Base/Large: 6.25e-4 (authors' command), not the 6.25e-3 the paper prints: docs/README.md.
+    # Base/Large: 6.25e-4 (authors' command), not the 6.25e-3 the paper prints (the recipe's note says why).
     "base": (6.25e-4, 0.05, 0.6, "group", 20, 100, 0.1, 0.8, 1.0, 0.1),
     "large": (6.25e-4, 0.05, 0.6, "group", 20, 100, 0.1, 0.8, 1.0, 0.2),
     "huge": (1.25e-3, 0.05, 0.75, None, 10, 50, 0.1, 0.8, 1.0, 0.3),  # layer decay type not in the paper
@@ -81,6 +81,17 @@ def test_recipe_tables_12_13(variant):
         assert r["model_ema_decay"] == 0.9999
 
 
+def test_recipe_file_notes_key_holds_notes_not_values(tmp_path):
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"mode": "finetune", "common": {"epochs": 7, C.NOTES_KEY: {"epochs": "my choice"}},
+                                "sizes": {"atto": {"blr": 1e-3, C.NOTES_KEY: {"blr": "tuned"}}}}))
+    values, notes = C.load_recipe(str(path)).row("atto")
+    assert values == {"epochs": 7, "blr": 1e-3} and notes == {"epochs": "my choice", "blr": "tuned"}
+    path.write_text(json.dumps({"mode": "finetune", "common": {"sources": {}}}))
+    with pytest.raises(C.ConfigError, match="unknown config key 'sources'"):
+        C.load_recipe(str(path))
+
+
 def test_recipes_without_a_row_for_a_size_say_so():
     with pytest.raises(C.ConfigError, match="no row for 'atto'"):
         C.load_recipe("finetune_in22k").row("atto")
@@ -135,7 +146,7 @@ def test_effective_batch_reaches_recipe_batch_by_accumulation():
 
 
 # ------------------------------------------------------------------------------------------------
-# Layer decay (authors_implementation.md §7)
+# Layer decay (the authors' layer ids, as train/optim.py's docstring lists them)
 # ------------------------------------------------------------------------------------------------
 # First block index of each stage, written out per depth layout (sum(depths[:s])).
 STAGE_STARTS = {(2, 2, 6, 2): (0, 2, 4, 10), (2, 2, 8, 2): (0, 2, 4, 12), (3, 3, 9, 3): (0, 3, 6, 15), (3, 3, 27, 3): (0, 3, 6, 33)}
@@ -177,7 +188,7 @@ def test_layer_ids_single_and_group(variant):
     assert O.num_layers(depths, "single") == TOTAL[depths] and O.num_layers(depths, "group") == 12
 
 
-def test_layer_id_examples_from_the_doc():
+def test_layer_id_examples():
     atto = (2, 2, 6, 2)
     assert O.layer_id("downsample_layers.0.0.weight", atto, "single") == 1
     assert O.layer_id("stages.0.0.dwconv.weight", atto, "single") == 1

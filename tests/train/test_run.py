@@ -1,6 +1,6 @@
 """Trainer runs on a small real image data set (scikit-learn's digits, upscaled to 32x32 RGB PNGs):
 pretrain -> fine-tune -> eval end to end, bit-exact resume after SIGKILL, 2-process DDP == 1 process,
-NaN stop. Atto at 32-64 px, one thread per process (the machine is shared)."""
+NaN stop. Atto at 32-64 px, one thread per process (the tests may share few cores)."""
 import json
 import os
 import signal
@@ -21,8 +21,8 @@ import sklearn  # noqa: F401,E402  (test extra: the data set comes from it)
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    # Several processes share 2 cores here; with 2 OpenMP threads each they spin against each other
-    # and a step gets ~10x slower. Subprocesses get OMP_NUM_THREADS=1 (see ENV).
+    # Several processes share the cores; with several OpenMP threads each they spin against each
+    # other. Subprocesses get OMP_NUM_THREADS=1 (see ENV).
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -1,0 +1,23 @@
+"""``Run``: one trainer invocation (the mode, what the flags gave, the resolved config), the input of
+``engine.train`` and ``evaluation.run_eval``. Imports nothing heavy, so any module can name it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+
+@dataclass
+class Run:
+    """One invocation: the mode, what the flags gave, and the resolved config."""
+
+    mode: str
+    model: str
+    data_path: str
+    output_dir: Optional[str]
+    cfg: Dict[str, Any]
+    init: Optional[str] = None
+    pretrained: bool = False
+    resume: Optional[str] = None
+    device: str = "auto"
+    recipe: Optional[str] = None
+    notes: Dict[str, str] = field(default_factory=dict)
