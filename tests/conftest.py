@@ -177,3 +177,44 @@ def hf_env(tmp_path, monkeypatch) -> Path:
     # The runner's own HF_HUB_OFFLINE, captured by huggingface_hub at import, must not leak into these tests.
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     return home
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FCMAE trained on real photos (tests/models/test_fcmae.py, tests/analysis/test_reconstruction.py)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def normalised_photos(size: int) -> torch.Tensor:
+    """Four of scikit-image's photos at ``size`` x ``size``, normalised with the ImageNet mean and std."""
+    import numpy as np
+    from skimage import data
+
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    out = []
+    for f in (data.chelsea, data.astronaut, data.coffee, data.rocket):
+        img = Image.fromarray(f()).convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+        out.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1))
+    return (torch.stack(out) - mean) / std
+
+
+@pytest.fixture(scope="module")
+def overfit(tmp_path_factory):
+    """atto FCMAE trained 50 AdamW steps on 4 real photos at 96 px with one fixed mask, saved."""
+    from convnextv2_hub.models.fcmae import FCMAE
+
+    torch.manual_seed(0)
+    x = normalised_photos(96)
+    m = FCMAE("atto", mask_ratio=0.6, decoder_dim=512, norm_pix_loss=True)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    mask = m.gen_random_mask(x, generator=torch.Generator().manual_seed(0))
+    losses = []
+    m.train()
+    for _ in range(50):
+        loss, _, _ = m(x, mask=mask)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    path = m.save(tmp_path_factory.mktemp("fcmae") / "overfit.safetensors")
+    return m, losses, path

@@ -140,7 +140,7 @@ def load_checkpoint(model: ConvNeXtV2, source: Source, strict: bool = True) -> L
     return report
 
 
-def _stage_layout(sd: Mapping[str, Tensor]) -> Tuple[Optional[Tuple[int, ...]], Optional[Tuple[int, ...]]]:
+def stage_layout(sd: Mapping[str, Tensor]) -> Tuple[Optional[Tuple[int, ...]], Optional[Tuple[int, ...]]]:
     """(dims, depths) of a state dict in our layout, None where it cannot tell."""
     dims: List[int] = []
     for i in range(4):
@@ -158,7 +158,7 @@ def _stage_layout(sd: Mapping[str, Tensor]) -> Tuple[Optional[Tuple[int, ...]], 
 
 
 def _variant_hint(model: ConvNeXtV2, ckpt: Mapping[str, Tensor]) -> str:
-    dims, depths = _stage_layout(ckpt)
+    dims, depths = stage_layout(ckpt)
     stem = ckpt.get("downsample_layers.0.0.weight")
     model_name = getattr(model, "variant", None)
     for v in VARIANTS.values():

@@ -250,4 +250,33 @@ def read_metadata(path: PathLike) -> Dict[str, str]:
         raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({e}); save or download it again") from e
 
 
-__all__ = ["CheckpointError", "CheckpointNotFoundError", "WRAPPER_KEYS", "read_metadata", "read_state_dict"]
+def is_safetensors(path: PathLike) -> bool:
+    """Whether the file ``path`` is a safetensors file: by its suffix, else by its header (as ``read_state_dict``)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return True
+    with open(path, "rb") as f:
+        head = f.read(16)
+    return _looks_like_safetensors(head, path.stat().st_size)
+
+
+def read_checkpoint_file(path: PathLike) -> object:
+    """What the checkpoint file ``path`` holds, not unwrapped: a safetensors file's tensors, or what
+    ``torch.load(weights_only=True)`` gives (a training checkpoint keeps its ``args``, ``epoch``, ...).
+    Read as ``read_state_dict`` reads a file, with its errors; ``read_state_dict`` of the result is its
+    state dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointNotFoundError(f"checkpoint {str(path)!r} does not exist or is not a file; check the path")
+    return _read_file(path)
+
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "WRAPPER_KEYS",
+    "is_safetensors",
+    "read_checkpoint_file",
+    "read_metadata",
+    "read_state_dict",
+]

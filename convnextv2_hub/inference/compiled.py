@@ -2,18 +2,19 @@
 
 On a CPU the early stages do not fit the caches at batch size 16: stage 1 of Tiny at 224² holds a
 50176 x 384 hidden tensor (38 MB in bf16) between its two Linears, and then oneDNN's GEMM and the
-GRN passes run from memory. Measured on a 2-core AMX Xeon, stage 1's ``pwconv1`` took 13.7 ms at
-batch 16 and 0.22 ms for one image (3.9x faster per image). So each stage runs on micro-batches of
-about ``ROWS_PER_CHUNK`` spatial positions (at 224²: stage 1 one image, stage 2 four, stages 3 and 4
-the whole batch, where larger GEMMs are the faster ones), and consecutive stages with the same
-micro-batch form one segment, compiled once per micro-batch shape. GPUs run the whole batch at once.
+GRN passes run from memory, several times slower per image than on one image. So each stage runs on
+micro-batches of about ``ROWS_PER_CHUNK`` spatial positions (at 224²: stage 1 one image, stage 2
+four, stages 3 and 4 the whole batch, where larger GEMMs are the faster ones), and consecutive stages
+with the same micro-batch form one segment, compiled once per micro-batch shape. GPUs run the whole
+batch at once.
 
 On CPUs the segments run three ops in forms that inductor compiles better: the blocks' GELU is
 ``poly_gelu``, a polynomial (within 1.3e-4 of the exact GELU) fused into inductor's own AMX GEMM for
 ``pwconv1``; GRN's sum of squares goes through partial sums (``grn_two_step``) and the 2x2 downsampling
 convs are GEMMs (``downsample_as_linear``), both equal to the modules up to rounding; the blocks'
 depthwise conv and LayerNorm run as one C++ kernel of ours (``native.dwconv7x7_layernorm``) when it
-builds. GPUs run the model's own modules.
+builds. GPUs run the model's own modules. On every device GRN's per-channel factor and its
+application are GRN's own (``GRN.scale_by_norm``).
 """
 from __future__ import annotations
 
@@ -26,11 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import native
-from ..models.layers import GRN, stored_once_when_compiled
+from ..models.layers import GRN, at_least_float32, stored_once_when_compiled
 from ..models.convnextv2 import Block, ConvNeXtV2
 
-# Spatial positions per micro-batch: one 224² image at stage 1 (56 x 56), where it measured best
-# (1, 4 and 16 images tried at stage 1; 1, 4, 8 and 16 at stage 2).
+# Spatial positions per micro-batch: one 224² image at stage 1 (56 x 56), the fastest of the
+# micro-batch sizes tried at stages 1 and 2.
 ROWS_PER_CHUNK = 3136
 # Compiled graphs allowed per segment (one per input shape and precision); without isolate_recompiles,
 # for _Segment.forward across all predictors of a process. Four times as many across all segments.
@@ -68,10 +69,9 @@ def poly_gelu(x: torch.Tensor) -> torch.Tensor:
 
     Max |error| against the exact (erf) GELU: 1.3e-4 over the whole real line, and 3.3e-5 |x| inside
     [-4, 4]: below the rounding of a bf16 result (2^-9 relative). It is multiply-adds only, which
-    inductor fuses into its AMX GEMM as an epilogue at ~0.1 ns per element; the erf form there costs
-    ~1 ns (a libm-style call per vector), so with it the fastest choice was oneDNN's GEMM + GELU,
-    whose fixed cost per call is ~45 us.
-    Tiny on a 2-core AMX Xeon, interleaved A/B runs: 7% faster at batch 1, unchanged at batch 16.
+    inductor fuses cheaply into its AMX GEMM as an epilogue; the erf form there costs a libm-style call
+    per vector, so with it the fastest choice was oneDNN's GEMM + GELU, which has a fixed cost per
+    call. It makes small batches faster and leaves large ones unchanged.
     """
     xf = x.float()
     t = (xf * 0.25).clamp(-1.0, 1.0)
@@ -97,14 +97,15 @@ def grn_two_step(grn: GRN, x: torch.Tensor) -> torch.Tensor:
 
     Inductor reduces over positions with the channels as its vector lanes, one sweep down the whole
     tensor per 32 channels: at stage 1 (3136 x 384) twelve strided passes over 2.4 MB, more than the
-    L2 holds. The partial sums read the tensor once, in order. Tiny at batch 1, stage 1's GRN kernel:
-    246 -> 196 us. Shapes whose positions do not split evenly keep the one-step sum.
+    L2 holds. The partial sums read the tensor once, in order, which makes the kernel faster. Shapes
+    whose positions do not split evenly keep the one-step sum.
     """
     n, h, w, c = x.shape
     rows = GRN_PARTIAL_ROWS
     if (h * w) % rows:
         return grn(x)
-    partial = x.float().reshape(n, h * w // rows, rows, c).square().sum(2)
+    # Differs from grn_norms (one vector_norm) only in summation order, for speed: tests pin it to GRN.
+    partial = at_least_float32(x).reshape(n, h * w // rows, rows, c).square().sum(2)
     gx = stored_once_when_compiled(partial).sum(1).sqrt().view(n, 1, 1, c)
     return grn.scale_by_norm(x, gx)
 
@@ -127,9 +128,10 @@ def downsample_as_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.linear(patches, weight, conv.bias).permute(0, 3, 1, 2)
 
 
-def _block_forward(block: Block, x: torch.Tensor, dwconv_ln_kernel: bool) -> torch.Tensor:
+def cpu_block_forward(block: Block, x: torch.Tensor, dwconv_ln_kernel: bool) -> torch.Tensor:
     """``Block.forward`` without a mask, with ``poly_gelu``, ``grn_two_step`` and, if
     ``dwconv_ln_kernel``, the depthwise conv and LayerNorm as ``native.dwconv7x7_layernorm``."""
+    # Not Block.forward/expand: these forms compile to faster CPU kernels; tests pin it to Block.forward.
     shortcut = x
     if dwconv_ln_kernel:
         x = native.dwconv7x7_layernorm(block.dwconv, block.norm, x)
@@ -158,7 +160,7 @@ class _Segment(nn.Module):
             # Layer 0 is the stem (conv, then LayerNorm), which stays a conv.
             x = downsample_as_linear(layer, x) if self.cpu_forms and i > 0 else layer(x)
             for block in self.model.stages[i]:
-                x = _block_forward(block, x, self.dwconv_ln_kernel) if self.cpu_forms else block(x)
+                x = cpu_block_forward(block, x, self.dwconv_ln_kernel) if self.cpu_forms else block(x)
         return self.model.forward_head(x) if self.last == 3 else x
 
 
@@ -199,8 +201,8 @@ class CompiledConvNeXtV2:
             lean_guards = {}
             if _CAN_ISOLATE:
                 # Guards only on the input's metadata and the global state (grad mode, autocast).
-                # The model is frozen into the graphs, so dynamo's ~1100 guards on its modules and
-                # parameters protect nothing and cost ~0.35 ms per call (Tiny, batch 1: 2%). What they
+                # The model is frozen into the graphs, so dynamo's guards on its modules and parameters
+                # (about a thousand) protect nothing and cost time on every call. What they
                 # also did, telling segments of one code object apart, isolate_recompiles does: each
                 # segment looks up only its own graphs. Older torch keeps the full guards.
                 lean_guards = dict(isolate_recompiles=True, recompile_limit=RECOMPILE_LIMIT,
@@ -212,7 +214,7 @@ class CompiledConvNeXtV2:
         # Read when a graph compiles. freezing: weights folded as constants, prepacked for oneDNN.
         # On CPUs, cpp_wrapper saves the Python call overhead of ~150 kernels per forward, and
         # max_autotune times inductor's own (AMX) GEMM kernels, which fuse GRN's scaling and the
-        # residual add, against oneDNN's, per GEMM shape (Tiny at batch 1: 18.4 -> 16.8 ms).
+        # residual add, against oneDNN's, per GEMM shape, and keeps the faster.
         # ffp-contract=fast lets the C++ compiler turn poly_gelu's multiply-adds into FMAs.
         on_cpu = x.device.type == "cpu"
         cpu_only = {"cpp.enable_floating_point_contract_flag": "fast"} if on_cpu else {}

@@ -24,24 +24,21 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..checkpoints.registry import label_names
-from ..files import atomic_path, temp_path
+from ..files import PathLike, atomic_path, temp_path
 from ..models.layers import GRN
 from ..models.convnextv2 import ConvNeXtV2
 from ..preprocessing.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .onnx_runtime import onnx_session
-
-PathLike = Union[str, os.PathLike]
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 13  # below 13 ReduceL2/ReduceMean take axes as attributes the exporter no longer emits
@@ -222,13 +219,6 @@ def _check_args(model: nn.Module, path: Path, image_size: int, overwrite: bool, 
         raise FileExistsError(f"{str(path)!r} already exists; pass --overwrite (overwrite=True) to replace it")
 
 
-def _unlink(p: Path) -> None:
-    try:
-        os.unlink(p)
-    except FileNotFoundError:
-        pass
-
-
 def _resolution(model: nn.Module, image_size: Optional[int]) -> int:
     if image_size is not None:
         return int(image_size)
@@ -244,9 +234,9 @@ def _reference(model: ConvNeXtV2, batches: List[torch.Tensor]) -> List[torch.Ten
 def _prepare(model: ConvNeXtV2, half: bool) -> ConvNeXtV2:
     """An eval-mode copy (the caller's model is never changed), in fp16 when ``half``.
 
-    In fp16 the GRN module still computes its spatial L2 norm in fp32 (``GRN.forward`` casts to
-    float before the reduction), so the exported graph carries that Cast and the statistics never
-    overflow; only the final scale is cast back to fp16.
+    In fp16 GRN still computes its spatial L2 norm in fp32 (``grn_norms`` upcasts fp16 before the
+    reduction), so the exported graph carries that Cast and the statistics never overflow; only the
+    final scale is cast back to fp16.
     """
     m = copy.deepcopy(model).eval().float()
     if half:
@@ -258,24 +248,20 @@ def _prepare(model: ConvNeXtV2, half: bool) -> ConvNeXtV2:
     return m
 
 
-class _HalfGRN(nn.Module):
-    """GRN for fp16 export: statistics in fp32, then ``x * scale + beta`` in fp16.
+class _HalfGRN(GRN):
+    """GRN for fp16 export: GRN's own statistics and scale, then ``x * scale + beta`` in fp16.
 
-    Same maths as ``GRN.forward``; it avoids ``addcmul``, whose legacy ONNX symbolic multiplies by an
-    fp32 ``value`` constant and so turns the block output into fp32 (ORT then rejects the next
-    fp16 LayerNormalization with a type error).
+    It differs from ``GRN.apply_scale`` only in avoiding ``addcmul``, whose legacy ONNX symbolic
+    multiplies by an fp32 ``value`` constant and so turns the block output into fp32 (ORT then
+    rejects the next fp16 LayerNormalization with a type error).
     """
 
     def __init__(self, grn: GRN) -> None:
-        super().__init__()
-        self.eps = grn.eps
+        super().__init__(grn.gamma.shape[-1], grn.eps)
         self.gamma = grn.gamma
         self.beta = grn.beta
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gx = torch.linalg.vector_norm(x.float(), ord=2, dim=(1, 2), keepdim=True)
-        nx = gx / (gx.mean(dim=-1, keepdim=True) + self.eps)
-        scale = (self.gamma.float() * nx + 1.0).to(x.dtype)
+    def apply_scale(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return x * scale + self.beta
 
 
@@ -355,7 +341,7 @@ def export_onnx(
                     raise ExportError(f"{path.name}: {report}")
         finally:
             if tmp_fp32 != tmp:
-                _unlink(tmp_fp32)
+                tmp_fp32.unlink(missing_ok=True)
     return report
 
 

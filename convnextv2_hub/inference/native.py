@@ -17,7 +17,6 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import List, Optional
@@ -25,7 +24,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from ..files import user_cache_dir
+from ..files import atomic_path, user_cache_dir
 
 SOURCE = Path(__file__).with_name("csrc") / "dwconv7x7_layernorm.cpp"
 
@@ -87,20 +86,14 @@ def load() -> bool:
                     path.parent.mkdir(parents=True, exist_ok=True)
                     # Built next to its final name and renamed: a process reading the cache never
                     # sees half a library, and two building at once each write their own file.
-                    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-                    os.close(fd)
-                    try:
-                        subprocess.run([*command, "-o", tmp], capture_output=True, text=True, check=True)
-                        os.replace(tmp, path)
-                    finally:
-                        if os.path.exists(tmp):
-                            os.remove(tmp)
+                    with atomic_path(path) as tmp:
+                        subprocess.run([*command, "-o", str(tmp)], capture_output=True, text=True, check=True)
                 torch.ops.load_library(str(path))
                 _loaded = True
             except (OSError, subprocess.CalledProcessError, RuntimeError) as e:
                 detail = e.stderr[-2000:] if isinstance(e, subprocess.CalledProcessError) else str(e)
                 warnings.warn(f"convnextv2_hub: could not build the C++ kernel for the blocks' depthwise conv "
-                              f"and LayerNorm, so the compiled CPU path keeps oneDNN's conv (~5-8 % slower). "
+                              f"and LayerNorm, so the compiled CPU path keeps oneDNN's conv (a little slower). "
                               f"Set CXX to a working C++ compiler to use it.\n{detail}", RuntimeWarning,
                               stacklevel=2)
     return _loaded

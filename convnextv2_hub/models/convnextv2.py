@@ -17,6 +17,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .layers import GRN, DropPath, LayerNorm2d
+from .sparse import SparseLayout, grn_rows
 from .variants import get_variant
 
 
@@ -39,8 +40,7 @@ class Block(nn.Module):
         x = self.dwconv(x)
         if keep is not None:
             x = x * keep
-        x = x.permute(0, 2, 3, 1)  # NHWC: LN and both Linears act on the contiguous channel dim
-        x = self.act(self.pwconv1(self.norm(x)))
+        x = self.expand(x.permute(0, 2, 3, 1))  # NHWC: LN and both Linears act on the contiguous channel dim
         if keep is not None:
             x = x * keep.permute(0, 2, 3, 1)  # GRN statistics over visible positions only
         x = self.pwconv2(self.grn(x))
@@ -49,7 +49,11 @@ class Block(nn.Module):
             x = x * keep
         return shortcut + self.drop_path(x)
 
-    def forward_sparse(self, rows: torch.Tensor, layout: "SparseLayout") -> torch.Tensor:
+    def expand(self, x: torch.Tensor) -> torch.Tensor:
+        """LayerNorm -> Linear C->4C -> GELU on channels-last positions (an NHWC map or (V, C) rows)."""
+        return self.act(self.pwconv1(self.norm(x)))
+
+    def forward_sparse(self, rows: torch.Tensor, layout: SparseLayout) -> torch.Tensor:
         """The same block on the visible positions only (FCMAE sparse fast path; never scripted).
 
         ``rows`` (V, C) holds the visible positions of the NHWC map in ``layout.idx`` order. The 7x7
@@ -57,14 +61,8 @@ class Block(nn.Module):
         masked neighbours contribute nothing, masked outputs are never read back); LayerNorm, both
         Linears, GELU and GRN run on the V visible rows only.
         """
-        n, h, w = layout.shape
-        c = rows.shape[1]
-        dense = rows.new_zeros(n * h * w, c).index_copy(0, layout.idx, rows)
-        # NHWC storage seen as NCHW: a channels_last map, the fastest CPU layout for depthwise conv.
-        x = self.dwconv(dense.view(n, h, w, c).permute(0, 3, 1, 2))
-        x = x.permute(0, 2, 3, 1).reshape(n * h * w, c).index_select(0, layout.idx)
-        x = self.act(self.pwconv1(self.norm(x)))
-        x = self.pwconv2(_grn_rows(self.grn, x, layout))
+        x = self.expand(layout.gather(self.dwconv(layout.scatter(rows))))
+        x = self.pwconv2(grn_rows(self.grn, x, layout))
         if self.training and isinstance(self.drop_path, DropPath) and self.drop_path.drop_prob > 0.0:
             x = layout.per_image(x, self.drop_path)
         return rows + x
@@ -123,7 +121,7 @@ class ConvNeXtV2(nn.Module):
         else:
             self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
             self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(_init_weights)
+        self.apply(init_weights)
         if isinstance(self.head, nn.Linear):
             with torch.no_grad():
                 self.head.weight.mul_(head_init_scale)
@@ -145,7 +143,7 @@ class ConvNeXtV2(nn.Module):
         head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         ref = self.norm.weight
         self.head = head.to(device=ref.device, dtype=ref.dtype)
-        self.head.apply(_init_weights)
+        self.head.apply(init_weights)
 
     def forward_stages(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
         """Run stem and stages; return the output map of every stage (N, C_i, H/2^(i+2), W/2^(i+2))."""
@@ -195,7 +193,7 @@ class ConvNeXtV2(nn.Module):
             if i == 0:
                 conv, norm = down[0], down[1]
                 y = conv(x)  # stem on the full image, as the authors' sparse encoder does
-                rows = _gather_rows(y, new_layout)
+                rows = new_layout.gather(y)
                 rows = F.layer_norm(rows, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
             else:
                 assert layout is not None
@@ -203,7 +201,7 @@ class ConvNeXtV2(nn.Module):
                 # LayerNorm is per position, so only visible rows; a 2x2/2 window never straddles a
                 # 32x32 patch edge, so visible outputs only read visible (normalised) inputs.
                 rows = F.layer_norm(rows, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-                rows = _gather_rows(conv(layout.scatter(rows)), new_layout)
+                rows = new_layout.gather(conv(layout.scatter(rows)))
             layout = new_layout
             for blk in stage:
                 if self.grad_checkpointing and self.training:
@@ -233,72 +231,8 @@ def _stage_keep(mask: torch.Tensor, scale: int, dtype: torch.dtype) -> torch.Ten
     return keep.unsqueeze(1)
 
 
-class SparseLayout:
-    """Where the visible positions of an (N, H, W) map are, for the sparse FCMAE path.
-
-    ``idx`` holds the flat NHW indices of the visible positions in row-major order, so the rows of
-    each image form one contiguous segment. When every image has the same number ``k`` of visible
-    positions (always so for FCMAE's masks), per-image reductions are a free ``view(N, k, C)``;
-    otherwise they go through ``index_add_`` on the per-row image ids ``bid``.
-    """
-
-    def __init__(self, visible: torch.Tensor) -> None:
-        n, h, w = visible.shape
-        self.shape = (n, h, w)
-        self.idx = visible.reshape(-1).nonzero().squeeze(1)
-        counts = visible.reshape(n, -1).sum(1)
-        self.k: Optional[int] = int(counts[0]) if bool((counts == counts[0]).all()) else None
-        self.bid = torch.repeat_interleave(torch.arange(n, device=visible.device), counts)
-
-    def scatter(self, rows: torch.Tensor) -> torch.Tensor:
-        """(V, C) rows -> (N, C, H, W) map (channels_last storage) with zeros at masked positions."""
-        n, h, w = self.shape
-        c = rows.shape[1]
-        dense = rows.new_zeros(n * h * w, c).index_copy(0, self.idx, rows)
-        return dense.view(n, h, w, c).permute(0, 3, 1, 2)
-
-    def per_image(self, rows: torch.Tensor, fn: nn.Module) -> torch.Tensor:
-        """Apply a per-sample op (drop path) given as ``fn`` on an (N, ...) tensor to the rows."""
-        n = self.shape[0]
-        if self.k is not None:
-            return fn(rows.view(n, self.k, rows.shape[1])).view(rows.shape)
-        factor = fn(rows.new_ones(n, 1))
-        return rows * factor.index_select(0, self.bid)
-
-
-def _gather_rows(x: torch.Tensor, layout: SparseLayout) -> torch.Tensor:
-    """(N, C, H, W) map -> its (V, C) visible rows."""
-    n, c, h, w = x.shape
-    return x.permute(0, 2, 3, 1).reshape(n * h * w, c).index_select(0, layout.idx)
-
-
-def _grn_rows(grn: GRN, x: torch.Tensor, layout: SparseLayout) -> torch.Tensor:
-    """GRN on visible rows (V, D) with the L2 norm per image over its visible rows.
-
-    Same maths and fp32 statistics as ``GRN.forward`` on the zero-masked dense map: masked zeros add
-    nothing to the sum of squares. (The authors' MinkowskiGRN pools over the whole batch, their issue
-    #86; the paper and their dense code are per image, and so is this.)
-    """
-    n = layout.shape[0]
-    d = x.shape[1]
-    gamma = grn.gamma.reshape(d)
-    beta = grn.beta.reshape(d).to(x.dtype)
-    if layout.k is not None:
-        xs = x.view(n, layout.k, d)
-        gx = torch.linalg.vector_norm(xs.float(), ord=2, dim=1, keepdim=True)
-        nx = gx / (gx.mean(dim=-1, keepdim=True) + grn.eps)
-        return torch.addcmul(beta, xs, (gamma * nx + 1.0).to(x.dtype)).view(x.shape)
-    xf = x.float()
-    sumsq = xf.new_zeros(n, d).index_add_(0, layout.bid, xf * xf)
-    # sqrt has an infinite gradient at 0 where vector_norm's is 0: route zeros around it.
-    pos = sumsq > 0
-    gx = torch.where(pos, torch.where(pos, sumsq, torch.ones_like(sumsq)).sqrt(), torch.zeros_like(sumsq))
-    nx = gx / (gx.mean(dim=-1, keepdim=True) + grn.eps)
-    scale = (gamma * nx + 1.0).to(x.dtype).index_select(0, layout.bid)
-    return torch.addcmul(beta, x, scale)
-
-
-def _init_weights(m: nn.Module) -> None:
+def init_weights(m: nn.Module) -> None:
+    """Truncated normal (std 0.02) weights and zero biases for every conv and Linear; other modules keep theirs."""
     if isinstance(m, (nn.Conv2d, nn.Linear)):
         nn.init.trunc_normal_(m.weight, std=0.02)  # cut-offs at +-2 (absolute), as timm's
         if m.bias is not None:
@@ -317,5 +251,5 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["Block", "ConvNeXtV2", "convnextv2", "count_params"]
+__all__ = ["Block", "ConvNeXtV2", "convnextv2", "count_params", "init_weights"]
 

@@ -1,38 +1,39 @@
 """FCMAE: the fully convolutional masked autoencoder of ConvNeXt V2 (paper §3), on plain PyTorch.
 
-The encoder is the ordinary :class:`convnextv2_hub.models.convnextv2.ConvNeXtV2` (``m.encoder``; same class, no
-copy), so a pre-trained encoder is saved and fine-tuned like any other model. What follows the
-authors' ``models/fcmae.py`` (authors_implementation.md §5) and where we deliberately differ:
+The encoder is the ordinary :class:`convnextv2_hub.models.convnextv2.ConvNeXtV2` (``m.encoder``; same
+class, no copy), so a pre-trained encoder is saved and fine-tuned like any other model. What follows
+the authors' ``models/fcmae.py`` and where we deliberately differ:
 
-Masking (§5.1)
+Masking
     One random mask per image on the final-stage grid (one cell = one 32x32 patch): Gaussian noise,
     ``argsort``, the first ``len_keep = int(L * (1 - mask_ratio))`` cells of the shuffled order are
     kept (19 of 49 at 224 px and ratio 0.6, i.e. 61.2 % masked), 1 = masked. The mask is upsampled
     to every stage by ``repeat_interleave``; since 32 is the encoder's total stride, every stride-2
     window lies wholly inside or outside a patch, which is what makes masked-dense == sparse.
 
-Encoder (§5.2, §5.6)
+Encoder
     ``sparse=False``: the dense-masked path (``ConvNeXtV2.forward_features(x, mask)``): masked
     positions are zeroed after every spatial op and before GRN; equal to submanifold sparse conv, as
     the authors' JAX code used on TPU. ``sparse=True``: ``forward_features_sparse`` runs every
-    per-position op on the visible rows only and keeps only the convs dense. Same numbers (forward
-    bit-identical for FCMAE masks, gradients <= 1e-5 relative, tested). benchmarks/fcmae.py on a
-    2-core CPU, fwd+bwd: tiny/224/batch 32 at ratio 0.6 2.7x faster with 1.7x less activation
-    memory; atto/224/batch 8 1.0x at ratio 0.0, 1.3x at 0.3, 1.4-2.3x at 0.6. It is never slower,
-    so ``sparse=None`` (auto) picks it, on every device (GPU speed was not measured).
+    per-position op on the visible rows only (``models.sparse``) and keeps only the convs dense. Same
+    numbers (forward bit-identical for FCMAE masks, gradients <= 1e-5 relative, tested).
+    ``benchmarks/fcmae.py`` compares the two: on CPU the sparse path was never slower, and the more
+    is masked the faster it is and the less activation memory it needs, so ``sparse=None`` (auto)
+    picks it, on every device (GPU speed was not measured).
 
-GRN (§5.3, README "where sources disagree")
+GRN
     Statistics per image over its visible positions, as the paper and the authors' dense/JAX code;
     the authors' MinkowskiGRN pools over the whole batch (their issue #86). We do not copy that.
 
-Decoder and loss (§5.4)
+Decoder and loss
     ``proj`` 1x1 conv to ``decoder_dim`` -> ``mask_token`` at masked cells -> ``decoder_depth``
     ConvNeXt V2 Blocks -> ``pred`` 1x1 conv to ``patch_size**2 * 3``. Patches are ordered (row p, col
     q, colour c), colour fastest. With ``norm_pix_loss`` the target is each patch normalised by its
     own mean and unbiased variance (eps 1e-6). The loss is the per-patch MSE summed over masked
-    patches of the whole batch divided by their count (not a per-image mean).
+    patches of the whole batch divided by their count (not a per-image mean). It is computed in fp32
+    for fp16/bf16 predictions and in float64 for a float64 model.
 
-Initialisation (§5.5)
+Initialisation
     std 0.02 truncated normal for every conv/linear, zero biases, LayerNorm 1/0, GRN gamma/beta 0,
     ``mask_token`` normal(0.02). The authors' ``FCMAE._init_weights`` re-initialises the whole model
     with timm's default std 1.0 on the depthwise/linear/conv layers (probably MAE's xavier line ported
@@ -49,24 +50,23 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-from ..files import atomic_path
 from ..checkpoints.formats import split_fcmae_sparse
-from ..checkpoints.reading import read_metadata, read_state_dict
-from .convnextv2 import Block, ConvNeXtV2, _init_weights, convnextv2
-from .variants import VARIANTS
+from ..checkpoints.io import stage_layout
+from ..checkpoints.reading import is_safetensors, read_checkpoint_file, read_metadata, read_state_dict
+from ..files import PathLike, atomic_path
+from .convnextv2 import Block, ConvNeXtV2, convnextv2, init_weights
+from .layers import at_least_float32
+from .variants import variant_of
 
 ENCODER_STRIDE = 32
 FORMAT = "convnextv2_hub.models.fcmae"
 FORMAT_VERSION = "1"
-
-PathLike = Union[str, "os.PathLike[str]"]
 
 
 # --- masks and patches ----------------------------------------------------------------------------
@@ -170,7 +170,7 @@ class FCMAE(nn.Module):
         self.decoder = nn.Sequential(*[Block(decoder_dim, 0.0) for _ in range(decoder_depth)])
         self.pred = nn.Conv2d(decoder_dim, patch_size * patch_size * 3, kernel_size=1)
         for part in (self.proj, self.decoder, self.pred):
-            part.apply(_init_weights)  # std 0.02, zero bias; GRN is zero and LayerNorm 1/0 by construction
+            part.apply(init_weights)  # std 0.02, zero bias; GRN is zero and LayerNorm 1/0 by construction
         nn.init.normal_(self.mask_token, std=0.02)
 
     # --- pieces -----------------------------------------------------------------------------------
@@ -208,7 +208,7 @@ class FCMAE(nn.Module):
 
     def target(self, imgs: torch.Tensor) -> torch.Tensor:
         """What ``pred`` is compared with: patchified pixels, per-patch normalised if norm_pix_loss."""
-        t = patchify(imgs.float(), self.patch_size)
+        t = patchify(at_least_float32(imgs), self.patch_size)
         if self.norm_pix_loss:
             mean = t.mean(dim=-1, keepdim=True)
             var = t.var(dim=-1, keepdim=True, correction=1)  # unbiased, as the authors' torch.var
@@ -221,7 +221,7 @@ class FCMAE(nn.Module):
         With no masked patch at all (mask_ratio 0) there is nothing to reconstruct: the loss is 0
         (the authors' 0/0 would be NaN).
         """
-        loss = (pred.float() - self.target(imgs)).pow(2).mean(dim=-1)
+        loss = (at_least_float32(pred) - self.target(imgs)).pow(2).mean(dim=-1)
         mask = mask.reshape(loss.shape).to(loss.dtype)
         return (loss * mask).sum() / mask.sum().clamp_min(1.0)
 
@@ -283,7 +283,7 @@ class FCMAE(nn.Module):
     @classmethod
     def from_checkpoint(cls, path_or_state_dict: Union[PathLike, Mapping[str, Any]], **kw: Any) -> "FCMAE":
         """Rebuild an FCMAE from (a) a file written by :meth:`save`, (b) the authors' pre-training
-        checkpoint (``{'model': ..., 'args': ...}`` with the Minkowski ``encoder.*`` keys, §4.3), or a
+        checkpoint (``{'model': ..., 'args': ...}`` with the Minkowski ``encoder.*`` keys), or a
         state dict of either layout. Architecture comes from the tensor shapes, the other
         hyper-parameters from our metadata or the authors' ``args``; ``kw`` overrides both.
 
@@ -293,7 +293,7 @@ class FCMAE(nn.Module):
         """
         sd, config = _read_fcmae_source(path_or_state_dict)
         enc_sd, rest = _split_encoder(sd)
-        depths, dims = _infer_arch(enc_sd)
+        depths, dims = _encoder_layout(enc_sd)
         if "mask_token" not in rest or "pred.weight" not in rest:
             raise ValueError("not an FCMAE checkpoint: no mask_token / pred.weight (an encoder-only file "
                              "such as the released *_fcmae.pt has no decoder and cannot continue pre-training)")
@@ -306,7 +306,7 @@ class FCMAE(nn.Module):
         args.update(kw)
         drop_path_rate = args.pop("drop_path_rate", 0.0)
         encoder = ConvNeXtV2(depths=depths, dims=dims, num_classes=0, drop_path_rate=drop_path_rate)
-        encoder.variant = _variant_name(depths, dims) or config.get("variant")
+        encoder.variant = variant_of(depths, dims) or config.get("variant")
         model = cls(encoder, **args)
 
         full = {f"encoder.{k}": v for k, v in enc_sd.items()}
@@ -332,40 +332,18 @@ def _read_fcmae_source(source: Union[PathLike, Mapping[str, Any]]) -> Tuple[Dict
     obj: Any = source
     if not isinstance(source, Mapping):
         path = Path(source)
-        if path.is_file() and _is_safetensors(path):
+        if path.is_file() and is_safetensors(path):
             meta = read_metadata(path)
             if meta.get("format") == FORMAT:
                 config = json.loads(meta["config"])
         elif path.is_file():
-            obj = _load_training_checkpoint(path)
+            # The authors' {'model', 'optimizer', 'epoch', 'scaler', 'args'} as a dict, to see 'args'.
+            obj = read_checkpoint_file(path)
     if isinstance(obj, Mapping):
         config.update(_args_config(obj.get("args")))
-    # read_state_dict does the reading (weights_only / safetensors), unwrapping of {'model': ...}
-    # and the error messages for broken files.
+    # read_state_dict does the reading of paths (weights_only / safetensors, folders), the unwrapping
+    # of {'model': ...} and the error messages for broken files.
     return read_state_dict(obj), config
-
-
-def _load_training_checkpoint(path: Path) -> Any:
-    """The authors' {'model', 'optimizer', 'epoch', 'scaler', 'args'} as a dict, to see 'args'.
-
-    ``weights_only=True`` with only ``argparse.Namespace`` allowed besides tensors and containers
-    (the same rule as convert.read_state_dict): nothing in the file is executed. Anything this cannot
-    read is handed to read_state_dict as a path, which explains what is wrong with it.
-    """
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception:
-        return path
-
-
-def _is_safetensors(path: Path) -> bool:
-    # safetensors: 8-byte little-endian header length, then a JSON header starting with '{'.
-    if path.suffix == ".safetensors":
-        return True
-    with open(path, "rb") as f:
-        head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{"
 
 
 def _args_config(args: Any) -> Dict[str, Any]:
@@ -394,24 +372,12 @@ def _split_encoder(sd: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor]
     return dict(enc_sd), dict(rest)
 
 
-def _infer_arch(enc_sd: Mapping[str, torch.Tensor]) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
-    depths = []
-    dims = []
-    for s in range(4):
-        blocks = {int(k.split(".")[2]) for k in enc_sd if k.startswith(f"stages.{s}.")}
-        key = f"stages.{s}.0.dwconv.weight"
-        if not blocks or key not in enc_sd:
-            raise ValueError(f"encoder weights lack stage {s} (no {key})")
-        depths.append(max(blocks) + 1)
-        dims.append(int(enc_sd[key].shape[0]))
-    return tuple(depths), tuple(dims)
-
-
-def _variant_name(depths: Tuple[int, ...], dims: Tuple[int, ...]) -> Optional[str]:
-    for v in VARIANTS.values():
-        if tuple(v.depths) == tuple(depths) and tuple(v.dims) == tuple(dims):
-            return v.name
-    return None
+def _encoder_layout(enc_sd: Mapping[str, torch.Tensor]) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """(depths, dims) of encoder weights in our layout; every stage must be there."""
+    dims, depths = stage_layout(enc_sd)
+    if dims is None or depths is None or 0 in depths:
+        raise ValueError(f"encoder weights lack a stage: found dims {dims}, depths {depths} (4 stages needed)")
+    return depths, dims
 
 
 __all__ = [

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Sequence, Tuple
 
 
 @dataclass(frozen=True)
@@ -32,3 +32,11 @@ def get_variant(name: str) -> Variant:
         return VARIANTS[name]
     except KeyError:
         raise ValueError(f"unknown ConvNeXt V2 variant {name!r}; choose one of {list(VARIANTS)}") from None
+
+
+def variant_of(depths: Sequence[int], dims: Sequence[int]) -> Optional[str]:
+    """The name of the variant with these depths and dims, None when no variant has them."""
+    for v in VARIANTS.values():
+        if v.depths == tuple(depths) and v.dims == tuple(dims):
+            return v.name
+    return None

@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from convnextv2_hub.inference import native
-from convnextv2_hub.inference.compiled import (CompiledConvNeXtV2, downsample_as_linear, grn_two_step, poly_gelu,
-                                     stage_micro_batches)
+from convnextv2_hub.inference.compiled import (CompiledConvNeXtV2, cpu_block_forward, downsample_as_linear,
+                                               grn_two_step, poly_gelu, stage_micro_batches)
 from convnextv2_hub.models.layers import GRN
 from convnextv2_hub.models.convnextv2 import ConvNeXtV2, convnextv2
 
@@ -96,6 +96,33 @@ def test_grn_two_step_equals_grn(size):
     assert (out - grn(x)).abs().max() <= 1e-5
     # Per image: one image's output does not depend on its neighbours.
     assert (grn_two_step(grn, x[1:2]) - out[1:2]).abs().max() <= 1e-6
+
+
+def test_grn_two_step_keeps_float64_and_upcasts_bf16():
+    torch.manual_seed(0)
+    grn = GRN(24).double()
+    with torch.no_grad():
+        grn.gamma.normal_(0, 1)
+        grn.beta.normal_(0, 1)
+    x = torch.randn(2, 8, 8, 24, dtype=torch.float64)
+    out = grn_two_step(grn, x)
+    assert out.dtype == torch.float64 and (out - grn(x)).abs().max() <= 1e-12
+    half = grn_two_step(grn.float(), x.bfloat16())
+    assert half.dtype == torch.bfloat16 and torch.isfinite(half).all()
+
+
+@pytest.mark.parametrize("dwconv_ln_kernel", [False, True])
+def test_cpu_block_forward_equals_block_forward(dwconv_ln_kernel):
+    # Run eagerly here: the same block as Block.forward up to poly_gelu's error and rounding.
+    if dwconv_ln_kernel and not native.load():
+        pytest.skip("the C++ kernel did not build")
+    block = _random_tiny_model(4).stages[1][0]
+    x = torch.randn(2, 32, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = cpu_block_forward(block, x, dwconv_ln_kernel)
+        ref = block(x)
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max() <= 1e-3 * max(1.0, ref.abs().max().item())
 
 
 def test_downsample_as_linear_equals_the_downsampling_layer():

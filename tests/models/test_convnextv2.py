@@ -1,15 +1,17 @@
-"""The model itself: exact parameter counts, GRN semantics, API surface, scripting, layouts."""
+"""The model itself: exact parameter counts, GRN semantics and precision, API surface, scripting,
+layouts, and float64 logits against timm's independent implementation."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from convnextv2_hub.models.layers import GRN, LayerNorm2d
+from convnextv2_hub.checkpoints.io import to_timm
+from convnextv2_hub.models.layers import GRN, LayerNorm2d, grn_norms
 from convnextv2_hub.models.convnextv2 import ConvNeXtV2, convnextv2, count_params
 from convnextv2_hub.models.variants import VARIANTS
 
-# Exact published counts (authors_implementation.md §1, equal to mmpretrain's metafile).
+# Exact published counts (the paper's and the authors' model zoo, equal to mmpretrain's metafile).
 PARAMS_WITH_HEAD = {
     "atto": 3_708_400, "femto": 5_233_240, "pico": 9_066_280, "nano": 15_623_800,
     "tiny": 28_635_496, "base": 88_717_800, "large": 197_956_840, "huge": 660_289_640,
@@ -30,7 +32,7 @@ def test_exact_parameter_counts_on_meta_device(variant):
 
 
 def reference_grn(x, gamma, beta, eps=1e-6):
-    # The authors' dense GRN written literally (authors_implementation.md §3.2).
+    # The authors' dense GRN written literally.
     gx = torch.norm(x, p=2, dim=(1, 2), keepdim=True)
     nx = gx / (gx.mean(dim=-1, keepdim=True) + eps)
     return gamma * (x * nx) + beta + x
@@ -60,6 +62,30 @@ def test_grn_statistics_do_not_overflow_in_half_precision():
     assert out.dtype == torch.float16
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), reference_grn(x.float(), grn.gamma, grn.beta), rtol=1e-3, atol=0.5)
+
+
+def test_grn_in_float64_computes_in_float64():
+    torch.manual_seed(0)
+    grn = GRN(16).double()
+    with torch.no_grad():
+        grn.gamma.normal_()
+        grn.beta.normal_()
+    x = torch.randn(3, 5, 7, 16, dtype=torch.float64) * torch.linspace(0.1, 3.0, 16, dtype=torch.float64)
+    out = grn(x)
+    assert out.dtype == torch.float64
+    ref = reference_grn(x, grn.gamma, grn.beta)  # all float64
+    assert (out - ref).abs().max() <= 1e-12
+    # A float32 computation (the statistics in fp32) is far from that: the check can fail.
+    assert (grn.float()(x.float()).double() - ref).abs().max() > 1e-9
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_grn_statistics_of_half_inputs_are_fp32(dtype):
+    grn = GRN(8)
+    x = torch.randn(2, 4, 4, 8).to(dtype)
+    assert grn_norms(x, [1, 2]).dtype == torch.float32
+    assert grn_norms(x.double(), [1, 2]).dtype == torch.float64
+    assert grn(x).dtype == dtype
 
 
 def test_layernorm2d_matches_channels_first_formula():
@@ -203,3 +229,21 @@ def test_invalid_config_is_rejected():
         ConvNeXtV2(depths=(2, 2, 2), dims=(8, 16, 32))
     with pytest.raises(ValueError, match="unknown ConvNeXt V2 variant"):
         convnextv2("small")
+
+
+def test_float64_model_logits_equal_timms_float64_implementation():
+    # timm's ConvNeXt V2 (its own GRN, 1x1-conv MLP for atto) in float64 with our weights converted:
+    # an independent float64 reference. A float32 GRN statistic anywhere would show as ~1e-7.
+    import timm
+
+    torch.manual_seed(0)
+    m = randomise_(convnextv2("atto", num_classes=10)).double().eval()
+    ref_model = timm.create_model("convnextv2_atto", pretrained=False, num_classes=10)
+    ref_model.load_state_dict(to_timm(m.state_dict(), "atto"))
+    ref_model = ref_model.double().eval()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        out = m(x)
+        ref = ref_model(x)
+    assert out.dtype == torch.float64
+    assert (out - ref).abs().max() <= 1e-10 * max(1.0, ref.abs().max().item())

@@ -1,24 +1,18 @@
-"""FCMAE: masking rule, sparse == dense-masked == submanifold semantics, per-image GRN, loss, training,
-checkpoints (ours, encoder -> fine-tuning, the authors' sparse layout) and fcmae-show."""
+"""FCMAE: masking rule, sparse == dense-masked == submanifold semantics, per-image GRN, precision, loss,
+training, checkpoints (ours, encoder -> fine-tuning, the authors' sparse layout)."""
 import argparse
 import math
 import os
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from conftest import normalised_photos
 from convnextv2_hub.checkpoints import io as convert
-from convnextv2_hub.models.fcmae import FCMAE, gen_random_mask, patchify, unpatchify
-from convnextv2_hub.analysis.reconstruction import PANEL_GAP, fcmae_show
-from convnextv2_hub.cli.fcmae_show import add_fcmae_show_parser
-from convnextv2_hub.models.layers import GRN
 from convnextv2_hub.models.convnextv2 import convnextv2
-
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-
+from convnextv2_hub.models.fcmae import FCMAE, gen_random_mask, patchify, unpatchify
+from convnextv2_hub.models.layers import GRN
+from convnextv2_hub.models.sparse import SparseLayout, grn_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: see conftest
 
@@ -52,7 +46,7 @@ def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # --- masking and patches --------------------------------------------------------------------------
 def _authors_gen_random_mask(noise: torch.Tensor, mask_ratio: float) -> torch.Tensor:
-    # The authors' gen_random_mask written literally (authors_implementation.md §5.1).
+    # The authors' gen_random_mask written literally.
     n, length = noise.shape
     len_keep = int(length * (1 - mask_ratio))
     ids_shuffle = torch.argsort(noise, dim=1)
@@ -197,6 +191,46 @@ def test_sparse_path_with_unequal_visible_counts():
     assert max(_max_rel(a, b) for a, b in zip(gc, gs)) <= 1e-6
 
 
+@pytest.mark.parametrize("visible_rows", [[3, 3], [3, 1]])  # equal counts (a view) and unequal (index_add)
+def test_grn_on_sparse_rows_in_float64_equals_the_dense_reference(visible_rows):
+    torch.manual_seed(8)
+    grn = GRN(12).double()
+    with torch.no_grad():
+        grn.gamma.normal_()
+        grn.beta.normal_()
+    visible = torch.zeros(2, 2, 2, dtype=torch.bool)
+    for i, k in enumerate(visible_rows):
+        visible.view(2, 4)[i, :k] = True
+    layout = SparseLayout(visible)
+    rows = torch.randn(sum(visible_rows), 12, dtype=torch.float64)
+    out = grn_rows(grn, rows, layout)
+    assert out.dtype == torch.float64
+    # The plain float64 formula on the zero-masked dense map, per image.
+    dense = layout.scatter(rows).permute(0, 2, 3, 1)
+    gx = torch.sqrt((dense * dense).sum(dim=(1, 2), keepdim=True))
+    nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
+    ref = grn.gamma * (dense * nx) + grn.beta + dense
+    assert (out - layout.gather(ref.permute(0, 3, 1, 2))).abs().max() <= 1e-12
+    # fp16 rows keep fp32 statistics: no overflow of the sum of squares.
+    big = torch.full((sum(visible_rows), 12), 300.0, dtype=torch.float16)
+    assert torch.isfinite(grn_rows(grn.half(), big, layout)).all()
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_a_float64_model_computes_its_loss_in_float64(sparse):
+    torch.manual_seed(9)
+    m = _randomise(FCMAE("atto", decoder_dim=32, sparse=sparse)).double()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    mask = _fixed_mask(2, 2, 2, 2)
+    loss, pred, _ = m(x, mask=mask)
+    assert loss.dtype == pred.dtype == torch.float64
+    per_patch = (pred - m.target(x)).pow(2).mean(-1)
+    assert m.target(x).dtype == torch.float64
+    assert abs(loss.item() - ((per_patch * mask).sum() / mask.sum()).item()) <= 1e-12 * max(1.0, loss.item())
+    # Half-precision predictions are compared in fp32.
+    assert m.forward_loss(x.float(), pred.detach().half(), mask).dtype == torch.float32
+
+
 def test_scripting_of_the_plain_model_still_works():
     m = convnextv2("atto").eval()
     x = torch.randn(1, 3, 64, 64)
@@ -244,37 +278,7 @@ def test_norm_pix_target_on_and_off():
     assert not torch.allclose(on(imgs, mask=mask)[0], off(imgs, mask=mask)[0])
 
 
-# --- training on real images ----------------------------------------------------------------------
-def _real_images(size: int) -> torch.Tensor:
-    from skimage import data
-
-    out = []
-    for f in (data.chelsea, data.astronaut, data.coffee, data.rocket):
-        img = Image.fromarray(f()).convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
-        out.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1))
-    return (torch.stack(out) - MEAN) / STD
-
-
-@pytest.fixture(scope="module")
-def overfit(tmp_path_factory):
-    """atto FCMAE trained 50 AdamW steps on 4 real photos at 96 px with one fixed mask, saved."""
-    torch.manual_seed(0)
-    x = _real_images(96)
-    m = FCMAE("atto", mask_ratio=0.6, decoder_dim=512, norm_pix_loss=True)
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
-    mask = m.gen_random_mask(x, generator=torch.Generator().manual_seed(0))
-    losses = []
-    m.train()
-    for _ in range(50):
-        loss, _, _ = m(x, mask=mask)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    path = m.save(tmp_path_factory.mktemp("fcmae") / "overfit.safetensors")
-    return m, losses, path
-
-
+# --- training on real images (the ``overfit`` fixture is in conftest) ------------------------------
 def test_fifty_steps_on_real_images_drive_the_loss_down(overfit):
     _, losses, _ = overfit
     assert all(math.isfinite(v) for v in losses)
@@ -317,7 +321,7 @@ def test_encoder_checkpoint_starts_a_fine_tune(tmp_path, overfit):
     for k, v in enc_sd.items():
         assert torch.equal(clf_sd[k], v), k
     assert torch.equal(enc_sd["norm.weight"], torch.ones(320)) and torch.equal(enc_sd["norm.bias"], torch.zeros(320))
-    x = _real_images(96)[:1]
+    x = normalised_photos(96)[:1]
     with torch.no_grad():
         assert torch.equal(clf.eval().forward_features(x), m.encoder.eval().forward_features(x))
     with pytest.warns(UserWarning):
@@ -326,8 +330,7 @@ def test_encoder_checkpoint_starts_a_fine_tune(tmp_path, overfit):
 
 
 def _authors_kernel(w: torch.Tensor) -> torch.Tensor:
-    # Inverse of the authors' remap (authors_implementation.md §4.4), written from the docs: their
-    # loader does kernel.permute(2,1,0).reshape(out,in,k,k).transpose(3,2) (dense conv) and
+    # Inverse of the authors' remap: their loader does kernel.permute(2,1,0).reshape(out,in,k,k).transpose(3,2) (dense conv) and
     # kernel.permute(1,0).reshape(C,1,k,k).transpose(3,2) (depthwise).
     out_c, in_c, k, _ = w.shape
     t = w.transpose(3, 2).reshape(out_c, in_c, k * k)
@@ -335,7 +338,7 @@ def _authors_kernel(w: torch.Tensor) -> torch.Tensor:
 
 
 def _authors_sparse_state_dict(m: FCMAE) -> dict:
-    """What the authors' main_pretrain.py saves under 'model' (§4.3), built from our model."""
+    """What the authors' main_pretrain.py saves under 'model', built from our model."""
     sd = {}
     for k, v in m.encoder.state_dict().items():
         if k.startswith(("norm.", "head.")):  # their sparse encoder has no final norm
@@ -416,36 +419,3 @@ def test_encoder_only_file_is_refused_with_a_reason(tmp_path, overfit):
     path = convert.save_checkpoint(m.encoder, tmp_path / "enc.safetensors")
     with pytest.raises(ValueError):
         FCMAE.from_checkpoint(path)
-
-
-# --- fcmae-show -----------------------------------------------------------------------------------
-def test_fcmae_show_writes_the_four_panels(tmp_path, overfit):
-    _, _, ckpt = overfit
-    from skimage import data
-
-    src = tmp_path / "cat.png"
-    Image.fromarray(data.chelsea()).save(src)
-    out = fcmae_show(src, ckpt, tmp_path / "recon.png", mask_ratio=0.6, seed=3, size=96)
-    assert out == tmp_path / "recon.png" and sorted(os.listdir(tmp_path)) == ["cat.png", "recon.png"]
-    row = np.asarray(Image.open(out).convert("RGB")).astype(np.int16)
-    assert row.shape == (96, 4 * 96 + 3 * PANEL_GAP, 3)
-    orig, masked, recon, pasted = (row[:, i * (96 + PANEL_GAP) : i * (96 + PANEL_GAP) + 96] for i in range(4))
-    # Masked patches are the mean grey in "masked", the rest is the original, in "masked" and "pasted".
-    grey = (MEAN.view(3) * 255).round().to(torch.int16).numpy()
-    cells = [(r, c) for r in range(3) for c in range(3)]
-    is_grey = [np.abs(masked[r * 32 : r * 32 + 32, c * 32 : c * 32 + 32] - grey).max() <= 1 for r, c in cells]
-    assert sum(is_grey) == 9 - int(9 * (1 - 0.6))  # 6 of 9 patches masked
-    for (r, c), g in zip(cells, is_grey):
-        sl = np.s_[r * 32 : r * 32 + 32, c * 32 : c * 32 + 32]
-        if g:
-            assert np.array_equal(pasted[sl], recon[sl])
-        else:
-            assert np.abs(masked[sl] - orig[sl]).max() <= 1 and np.abs(pasted[sl] - orig[sl]).max() <= 1
-    # The same seed gives the same picture; the command-line entry point writes the same file.
-    parser = argparse.ArgumentParser()
-    add_fcmae_show_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(
-        ["fcmae-show", str(src), "--checkpoint", str(ckpt), "--out", str(tmp_path / "cli.png"), "--seed", "3", "--size", "96"]
-    )
-    assert args.func(args) == 0
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "cli.png").convert("RGB")), row.astype(np.uint8))
