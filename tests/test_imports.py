@@ -116,3 +116,14 @@ def test_cli_help_loads_no_torch(module):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "False", out.stdout[-500:]
+
+
+def test_no_private_name_is_imported_across_modules():
+    """A name with a leading underscore is its module's own business: sharing it means making it public."""
+    offenders = []
+    for path in PACKAGE_DIR.rglob("*.py"):
+        for node in _imports(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("convnextv2_hub")):
+                offenders += [f"{path.relative_to(PACKAGE_DIR)}: {a.name}" for a in node.names
+                              if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not offenders, offenders

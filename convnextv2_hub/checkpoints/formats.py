@@ -1,6 +1,6 @@
 """Checkpoint layouts: recognising which of ``FORMATS`` a state dict is in, converting it to our keys and
 shapes, and converting ours to timm, HF transformers and the authors' sparse FCMAE encoder (the layouts
-are described in ``convert``)."""
+are described in ``checkpoints.io``)."""
 from __future__ import annotations
 
 import re

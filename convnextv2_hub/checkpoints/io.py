@@ -23,8 +23,8 @@ checkpoints store under ``'args'`` (a plain attribute bag: rebuilding it runs no
 Loading never silently skips a tensor: the authors' fine-tuning loader leaves GRN at its zero init
 (the identity) when shapes differ; here every GRN tensor is reshaped to (1, 1, 1, C) or the load fails.
 
-The code: ``checkpoint_reading`` reads files safely, ``checkpoint_formats`` recognises and converts
-layouts, this module loads into a model and saves ours, and re-exports the rest of the public API.
+The code: ``checkpoints.reading`` reads files safely, ``checkpoints.formats`` recognises and converts
+layouts, and this module loads into a model and saves ours (re-exporting the converters of ``formats``).
 """
 from __future__ import annotations
 

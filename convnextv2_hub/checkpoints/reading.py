@@ -1,6 +1,6 @@
 """Reading checkpoint files safely: a flat ``{name: tensor}`` dict from safetensors, weights-only
 ``torch.load`` (pickles holding Python objects are refused, never run), HF folders and shards, training
-wrappers; and a safetensors file's metadata. See ``convert`` for the whole checkpoint API."""
+wrappers; and a safetensors file's metadata. ``checkpoints.io`` loads and saves models."""
 from __future__ import annotations
 
 import argparse
