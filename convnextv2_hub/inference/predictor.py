@@ -21,7 +21,7 @@ from ..preprocessing.image_folder import default_transform
 from ..preprocessing.images import open_image
 
 if TYPE_CHECKING:
-    from .compiled import CompiledConvNeXtV2
+    from .compile_backend import CompiledConvNeXtV2
 
 ImageInput = Union[str, os.PathLike, Image.Image]
 
@@ -190,7 +190,7 @@ class Predictor:
       GPUs); on CPUs the early stages run in cache-sized micro-batches, GELU is a polynomial fused
       into inductor's GEMMs, GRN's sum of squares runs in two steps, the downsampling convs as
       GEMMs, and each block's depthwise conv + LayerNorm as one C++ kernel of ours, built on first
-      use (``inference.compiled.CompiledConvNeXtV2``, ``inference.native`` and their module docstrings).
+      use (``inference.compile_backend.CompiledConvNeXtV2``, ``inference.cpp_kernel`` and their module docstrings).
       Compiles on the first call (tens of seconds on a CPU) and once per new batch size;
       ``predict`` pads a final partial batch to ``batch_size`` to avoid a recompile.
     - ``"onnxruntime"``: the model exported to ONNX (fp32, verified against PyTorch, in memory) and run
@@ -351,7 +351,7 @@ class Predictor:
 
     def _run_compiled(self, x: torch.Tensor) -> torch.Tensor:
         if self._compiled is None:
-            from .compiled import CompiledConvNeXtV2
+            from .compile_backend import CompiledConvNeXtV2
 
             self._compiled = CompiledConvNeXtV2(self._model)
         self._last_path = f"compile {self.precision}{' channels_last' if self.channels_last else ''}"

@@ -12,7 +12,7 @@ On CPUs the segments run three ops in forms that inductor compiles better: the b
 ``poly_gelu``, a polynomial (within 1.3e-4 of the exact GELU) fused into inductor's own AMX GEMM for
 ``pwconv1``; GRN's sum of squares goes through partial sums (``grn_two_step``) and the 2x2 downsampling
 convs are GEMMs (``downsample_as_linear``), both equal to the modules up to rounding; the blocks'
-depthwise conv and LayerNorm run as one C++ kernel of ours (``native.dwconv7x7_layernorm``) when it
+depthwise conv and LayerNorm run as one C++ kernel of ours (``cpp_kernel.dwconv7x7_layernorm``) when it
 builds. GPUs run the model's own modules. On every device GRN's per-channel factor and its
 application are GRN's own (``GRN.scale_by_norm``).
 """
@@ -26,7 +26,7 @@ import torch._inductor.config as inductor_config
 import torch.nn.functional as F
 from torch import nn
 
-from . import native
+from . import cpp_kernel
 from ..models.layers import GRN, at_least_float32, stored_once_when_compiled
 from ..models.convnextv2 import Block, ConvNeXtV2
 
@@ -130,11 +130,11 @@ def downsample_as_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def cpu_block_forward(block: Block, x: torch.Tensor, dwconv_ln_kernel: bool) -> torch.Tensor:
     """``Block.forward`` without a mask, with ``poly_gelu``, ``grn_two_step`` and, if
-    ``dwconv_ln_kernel``, the depthwise conv and LayerNorm as ``native.dwconv7x7_layernorm``."""
+    ``dwconv_ln_kernel``, the depthwise conv and LayerNorm as ``cpp_kernel.dwconv7x7_layernorm``."""
     # Not Block.forward/expand: these forms compile to faster CPU kernels; tests pin it to Block.forward.
     shortcut = x
     if dwconv_ln_kernel:
-        x = native.dwconv7x7_layernorm(block.dwconv, block.norm, x)
+        x = cpp_kernel.dwconv7x7_layernorm(block.dwconv, block.norm, x)
     else:
         x = block.norm(block.dwconv(x).permute(0, 2, 3, 1))
     x = poly_gelu(block.pwconv1(x))
@@ -152,7 +152,7 @@ class _Segment(nn.Module):
         self.first, self.last = first, last
         self.cpu_forms = cpu_forms
         # Built (or found in its cache) here, before tracing: the graph then calls the loaded op.
-        self.dwconv_ln_kernel = cpu_forms and native.load()
+        self.dwconv_ln_kernel = cpu_forms and cpp_kernel.load()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i in range(self.first, self.last + 1):

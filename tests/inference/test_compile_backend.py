@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from convnextv2_hub.inference import native
-from convnextv2_hub.inference.compiled import (CompiledConvNeXtV2, cpu_block_forward, downsample_as_linear,
+from convnextv2_hub.inference import cpp_kernel
+from convnextv2_hub.inference.compile_backend import (CompiledConvNeXtV2, cpu_block_forward, downsample_as_linear,
                                                grn_two_step, poly_gelu, stage_micro_batches)
 from convnextv2_hub.models.layers import GRN
 from convnextv2_hub.models.convnextv2 import ConvNeXtV2, convnextv2
@@ -77,7 +77,7 @@ def test_poly_gelu_is_within_its_stated_error_of_the_exact_gelu():
 def test_cpu_segments_use_the_cpu_forms_and_gpu_segments_the_models_modules():
     runner = CompiledConvNeXtV2(convnextv2("atto", num_classes=10).eval())
     cpu = runner._segment(0, 3, on_cpu=True)._orig_mod
-    assert cpu.cpu_forms and cpu.dwconv_ln_kernel == native.load()
+    assert cpu.cpu_forms and cpu.dwconv_ln_kernel == cpp_kernel.load()
     runner._segments.clear()
     gpu = runner._segment(0, 3, on_cpu=False)._orig_mod
     assert not gpu.cpu_forms and not gpu.dwconv_ln_kernel
@@ -114,7 +114,7 @@ def test_grn_two_step_keeps_float64_and_upcasts_bf16():
 @pytest.mark.parametrize("dwconv_ln_kernel", [False, True])
 def test_cpu_block_forward_equals_block_forward(dwconv_ln_kernel):
     # Run eagerly here: the same block as Block.forward up to poly_gelu's error and rounding.
-    if dwconv_ln_kernel and not native.load():
+    if dwconv_ln_kernel and not cpp_kernel.load():
         pytest.skip("the C++ kernel did not build")
     block = _random_tiny_model(4).stages[1][0]
     x = torch.randn(2, 32, 8, 8).contiguous(memory_format=torch.channels_last)
