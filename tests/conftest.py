@@ -218,3 +218,119 @@ def overfit(tmp_path_factory):
         losses.append(loss.item())
     path = m.save(tmp_path_factory.mktemp("fcmae") / "overfit.safetensors")
     return m, losses, path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fault injection: a loopback Hub or file server that misbehaves on demand (tests/checkpoints/test_faults.py)
+# ----------------------------------------------------------------------------------------------------------
+
+import struct  # noqa: E402  (imported here: this block is appended to a file others edit too)
+import time  # noqa: E402
+
+
+FAULT_MODES = ("wrong_body", "etag_mismatch", "truncated", "truncated_no_length", "http_500", "killed", "slow")
+SLOW_PIECES = 8  # a slow body comes in at most this many pieces: a slow server still ends by itself
+
+
+class FaultyResponder:
+    """Serves ``routes`` like ``hub_responder`` (``hub=True``: keys are (repo, filename)) or ``file_responder``
+    (keys are URL paths), with the fault named by ``mode``; ``mode = None`` serves correctly, so a test
+    "fixes the server" by setting it. ``next_mode`` replaces ``mode`` after the first faulty GET.
+
+    - ``wrong_body``: ``alt_body`` instead of the file, with an ETag and length that match ``alt_body``.
+    - ``etag_mismatch``: ``alt_body`` under the real file's sha256 ETag (its own length).
+    - ``truncated``: the full Content-Length, half of the body, then a clean close.
+    - ``truncated_no_length``: no Content-Length, half of the body, then a clean close: to the client this
+      looks like a complete body.
+    - ``http_500``: GET answers 500. A Hub HEAD still answers, because a HEAD 500 makes huggingface_hub back
+      off ~25 s before it gives up (its behaviour, not ours, and too slow for a test).
+    - ``killed``: the full Content-Length, part of the body, then a connection reset, as when the server dies.
+    - ``slow``: the body in ``SLOW_PIECES`` pieces, ``slow_s`` seconds apart.
+
+    ``git_etag=True`` sends the ETag the Hub sends for a file kept in git rather than LFS: the git blob sha1
+    (40 hex), which is not the content's sha256.
+    """
+
+    def __init__(self, routes: dict, *, hub: bool, mode: str | None = None, alt_body: bytes = b"",
+                 next_mode: str | None = None, slow_s: float = 0.1, git_etag: bool = False) -> None:
+        assert mode is None or mode in FAULT_MODES, mode
+        self.routes, self.hub, self.mode, self.alt_body = routes, hub, mode, alt_body
+        self.next_mode, self.slow_s, self.git_etag = next_mode, slow_s, git_etag
+
+    def _etag(self, body: bytes) -> str:
+        if self.git_etag:
+            return hashlib.sha1(b"blob %d\0" % len(body) + body).hexdigest()
+        return hashlib.sha256(body).hexdigest()
+
+    def _lookup(self, path: str) -> bytes | None:
+        path = path.split("?", 1)[0]
+        if not self.hub:
+            return self.routes.get(path)
+        repo, sep, rest = path.lstrip("/").partition("/resolve/")
+        revision, _, filename = rest.partition("/")
+        return self.routes.get((repo, filename)) if sep and revision in ("main", COMMIT) else None
+
+    def __call__(self, handler: http.server.BaseHTTPRequestHandler, method: str) -> None:
+        body = self._lookup(handler.path)
+        mode = self.mode
+        if body is None or (mode == "http_500" and method == "GET"):
+            code = 404 if body is None else 500
+            handler.send_response(code)
+            if code == 404 and self.hub:
+                handler.send_header("X-Error-Code", "EntryNotFound")
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+            self._after_fault(method, mode)
+            return
+        etag = self._etag(body)  # the real file's: what the Hub states for it
+        if mode in ("wrong_body", "etag_mismatch"):
+            body = self.alt_body
+            etag = self._etag(body) if mode == "wrong_body" else etag
+        handler.send_response(200)
+        if self.hub:
+            handler.send_header("X-Repo-Commit", COMMIT)
+            handler.send_header("ETag", f'"{etag}"')
+        if mode != "truncated_no_length" or method == "HEAD":  # a Hub HEAD states the size regardless
+            handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        if method == "GET":
+            self._send_body(handler, body, mode)
+        self._after_fault(method, mode)
+
+    def _after_fault(self, method: str, mode: str | None) -> None:
+        if method == "GET" and mode is not None and self.next_mode is not None:
+            self.mode, self.next_mode = self.next_mode, None
+
+    def _send_body(self, handler: http.server.BaseHTTPRequestHandler, body: bytes, mode: str | None) -> None:
+        if mode == "slow":
+            step = -(-len(body) // SLOW_PIECES)
+            for start in range(0, len(body), step):
+                time.sleep(self.slow_s)
+                try:
+                    handler.wfile.write(body[start:start + step])
+                except OSError:  # the client gave up (timed out): stop, as a real server would
+                    handler.close_connection = True
+                    return
+            return
+        if mode not in ("truncated", "truncated_no_length", "killed"):
+            handler.wfile.write(body)
+            return
+        handler.wfile.write(body[: len(body) // 2 if mode != "killed" else len(body) // 3])
+        handler.wfile.flush()
+        handler.close_connection = True
+        if mode == "killed":  # SO_LINGER 0: close() sends RST, not FIN, like a process killed mid-transfer
+            handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            handler.connection.close()
+        else:
+            handler.connection.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.fixture
+def faulty_server(servers) -> Callable[..., tuple[LoopbackServer, FaultyResponder]]:
+    """``faulty_server(routes, hub=..., mode=..., ...)`` -> (server, responder); stopped after the test."""
+
+    def start(routes: dict, **kwargs: object) -> tuple[LoopbackServer, FaultyResponder]:
+        responder = FaultyResponder(routes, **kwargs)  # type: ignore[arg-type]
+        return servers(responder), responder
+
+    return start

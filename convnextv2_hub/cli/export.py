@@ -20,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--torchscript", metavar="OUT", help="write a TorchScript file")
     p.add_argument("--checkpoint-path", help="local weights instead of downloading the pretrained checkpoint")
     p.add_argument("--num-classes", type=int, help="head size of --checkpoint-path weights")
+    p.add_argument("--force-download", action="store_true",
+                   help="download the checkpoint again even if a cached copy exists")
     p.add_argument("--image-size", type=int, help="input size (multiple of 32; default: the checkpoint's)")
     p.add_argument("--static-batch", type=int, metavar="N", help="fix the batch axis to N (default: dynamic)")
     p.add_argument("--opset", type=int, help=f"ONNX opset (default {HELP_DEFAULT_OPSET})")
@@ -47,7 +49,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         from ..models.factory import create
 
         model = create(args.model, pretrained=args.checkpoint_path is None,
-                       checkpoint_path=args.checkpoint_path, num_classes=args.num_classes)
+                       checkpoint_path=args.checkpoint_path, num_classes=args.num_classes,
+                       force_download=args.force_download)
         common = dict(image_size=args.image_size, half=args.half, overwrite=args.overwrite,
                       verify=not args.no_verify, verbose=True)
         if args.onnx:

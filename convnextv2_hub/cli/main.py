@@ -64,6 +64,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         pretrained=args.checkpoint_path is None,
         checkpoint_path=args.checkpoint_path,
         num_classes=args.num_classes,
+        force_download=args.force_download,
     )
     # No batch larger than the images given: a compiled graph for 16 would pad one photo to 16.
     predictor = Predictor(model, backend=args.backend, batch_size=min(args.batch_size, len(images)))
@@ -105,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="tiny", help="model or checkpoint name (default: tiny)")
     p.add_argument("--checkpoint-path", help="local weights instead of downloading")
     p.add_argument("--num-classes", type=int, help="head size of --checkpoint-path weights")
+    p.add_argument("--force-download", action="store_true",
+                   help="download the checkpoint again even if a cached copy exists")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--backend", default="auto", choices=["auto", "eager", "compile", "onnxruntime"],

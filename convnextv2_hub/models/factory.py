@@ -6,10 +6,13 @@ entry it was built for (``model.checkpoint``): its preprocessing, labels and met
 from __future__ import annotations
 
 import os
+import warnings
+from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from ..checkpoints.io import load_checkpoint
-from ..checkpoints.download import download_checkpoint
+from ..checkpoints.download import discard_cached_file, download_checkpoint, offline_mode
+from ..checkpoints.reading import CheckpointError, read_checkpoint_file
 from ..checkpoints.registry import Checkpoint, get_checkpoint, parse_model_name
 from .convnextv2 import ConvNeXtV2, convnextv2
 
@@ -26,6 +29,7 @@ def create(
     out_indices: Sequence[int] = (0, 1, 2, 3),
     in_chans: int = 3,
     progress: bool = True,
+    force_download: bool = False,
 ) -> ConvNeXtV2:
     """Build a ConvNeXt V2 from a name such as ``"tiny"``, ``"tiny.fcmae_ft_in1k"`` or
     ``"convnextv2_tiny.fcmae_ft_in22k_in1k_384"``.
@@ -36,6 +40,8 @@ def create(
       timm, HF transformers, FCMAE) instead of downloading.
     - ``num_classes`` different from the checkpoint's keeps a freshly initialised head (with a warning),
       the usual start of a fine-tune. Default: the checkpoint's class count (0 for FCMAE encoders).
+    - Downloaded files are verified before use. A cached file that turns out unreadable is removed and
+      downloaded once more (not in offline mode); ``force_download=True`` downloads it again regardless.
     """
     variant, tag = parse_model_name(name)
     ckpt: Checkpoint = get_checkpoint(name if tag else variant)
@@ -54,5 +60,48 @@ def create(
     if checkpoint_path is not None:
         load_checkpoint(model, checkpoint_path)
     elif pretrained:
-        load_checkpoint(model, download_checkpoint(ckpt, progress=progress))
+        _load_pretrained(model, ckpt, progress=progress, force=force_download)
     return model
+
+
+def _unreadable(path: Path) -> bool:
+    """Whether the file itself cannot be read (as opposed to read fine but not fitting the model)."""
+    try:
+        read_checkpoint_file(path)
+    except CheckpointError:
+        return True
+    return False
+
+
+def _load_pretrained(model: ConvNeXtV2, ckpt: Checkpoint, *, progress: bool, force: bool) -> None:
+    """Load ``ckpt``'s downloaded weights; a cached file that cannot be read is removed and fetched again once.
+
+    Only an unreadable file is replaced: weights that read fine but do not fit the model (another
+    ``in_chans``, say) are the caller's mismatch, and downloading them again would change nothing.
+    """
+    path = download_checkpoint(ckpt, progress=progress, force=force)
+    try:
+        load_checkpoint(model, path)
+        return
+    except CheckpointError as exc:
+        if not _unreadable(path):
+            raise
+        first = exc
+    discard_cached_file(path)  # never leave it where the next run would take it again
+    if force or offline_mode():
+        why = ("it was just downloaded (force_download=True), so the server sends a broken file: retry later or "
+               "set HF_ENDPOINT to another mirror" if force else
+               "HF_HUB_OFFLINE is set, so it was not downloaded again: unset HF_HUB_OFFLINE to fetch a fresh copy")
+        raise CheckpointError(f"{first}\nThe unreadable file was removed from the cache; {why}.") from first
+    warnings.warn(f"cached checkpoint {path} of {ckpt.name!r} is unreadable, so it was removed and is being "
+                  f"downloaded again ({str(first).splitlines()[0]})", RuntimeWarning, stacklevel=3)
+    path = download_checkpoint(ckpt, progress=progress, force=True)
+    try:
+        load_checkpoint(model, path)
+    except CheckpointError as exc:
+        if not _unreadable(path):
+            raise
+        discard_cached_file(path)
+        raise CheckpointError(
+            f"{exc}\nDownloaded again, the file is still unreadable; it was removed from the cache. The server "
+            "sends a broken file: retry later or set HF_ENDPOINT to another mirror.") from exc
