@@ -135,7 +135,7 @@ def test_disk_full_names_the_file_and_keeps_the_old_one(tmp_path):
 
 
 def test_torch_save_on_a_full_disk(tmp_path, monkeypatch):
-    # torch.save reports the failed write as "[enforce fail at inline_container.cc ...] file write failed"
+    # atomic_torch_save hands torch a Python file object: the OSError of its write comes through.
     target = tmp_path / "checkpoint-last.pt"
     torch.save({"w": torch.zeros(4)}, target)
     before = target.read_bytes()
@@ -144,6 +144,18 @@ def test_torch_save_on_a_full_disk(tmp_path, monkeypatch):
     with pytest.raises(DiskFullError, match=rf"could not write {re.escape(str(target))} \(the previous checkpoint-last.pt is unchanged\)"):
         atomic_torch_save(target, {"w": torch.ones(10_000)})
     assert target.read_bytes() == before and _temps(tmp_path) == []
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (every write: ENOSPC)")
+def test_torch_writing_a_path_on_a_full_disk(tmp_path):
+    # Given a path (as some libraries do inside atomic_path), torch's C++ writer fails with
+    # "[enforce fail at inline_container.cc ...] ... file write failed / unexpected pos": recognised too.
+    target = tmp_path / "model.pt"
+    target.write_bytes(b"old")
+    with pytest.raises(DiskFullError, match=rf"could not write {re.escape(str(target))}"):
+        with atomic_path(target):
+            torch.save({"w": torch.ones(10_000)}, "/dev/full")
+    assert target.read_bytes() == b"old" and _temps(tmp_path) == []
 
 
 def test_json_is_strict_and_says_what_was_not_finite(tmp_path):
