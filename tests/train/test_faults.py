@@ -130,6 +130,22 @@ def test_input_errors_are_one_line_and_leave_no_run_folder(tmp_path, capsys, dig
     assert not out.exists()  # no empty folder, no config.json of a run that never started
 
 
+def test_eval_input_errors_are_one_line_too(tmp_path, capsys, digits):
+    out = tmp_path / "ev"
+    assert main(["eval", "--model", "atto", "--data", str(digits), "--output", str(out), "--num-workers", "0"]) == 1
+    assert "eval needs --pretrained or --init PATH" in one_line(capsys.readouterr().err)
+    assert not out.exists()
+
+
+def test_a_bug_keeps_its_traceback(tmp_path, digits, monkeypatch):
+    def broken(run):
+        raise KeyError("a bug in the trainer")
+
+    monkeypatch.setattr(engine, "train", broken)
+    with pytest.raises(KeyError, match="a bug in the trainer"):
+        main(finetune(digits, tmp_path / "run"))
+
+
 class _RunsCode:
     def __init__(self, marker: Path) -> None:
         self.marker = marker
@@ -204,14 +220,17 @@ def test_weights_ruined_at_an_epoch_boundary_keep_the_good_checkpoint(tmp_path, 
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
-@pytest.mark.parametrize("step, says", [(1, "loss is nan at epoch 0, iteration 1"),
-                                        (2, "non-finite values in model head")])
-def test_a_run_ruined_before_its_first_checkpoint_says_none_is_good(tmp_path, capsys, digits, monkeypatch, step, says):
+@pytest.mark.parametrize("step, more, says", [
+    (1, [], "loss is nan at epoch 0, iteration 1"),  # the next forward pass sees it
+    (2, [], "non-finite values in model head.weight at the end of epoch 0"),  # last step: only the weights show it
+    (1, ["--set", "save_ckpt_steps=1"], "non-finite values in model head.weight at epoch 0, iteration 1"),  # mid-epoch save
+])
+def test_a_run_ruined_before_its_first_checkpoint_says_none_is_good(tmp_path, capsys, digits, monkeypatch, step, more, says):
     data = tmp_path / "digits"
-    shutil.copytree(digits / "train", data / "train")  # no val/: only the weight check can see step 2
+    shutil.copytree(digits / "train", data / "train")  # no val/: no evaluation loss to see it
     out = tmp_path / "run"
     poison_after_step(monkeypatch, step)
-    assert main(finetune(data, out, "--set", "epochs=2", "--set", "lr=1e-3")) == 1
+    assert main(finetune(data, out, "--set", "epochs=2", "--set", "lr=1e-3", *more)) == 1
     line = one_line(capsys.readouterr().err)
     assert says in line and "no good checkpoint exists: this run saved none" in line
     assert not list(out.glob("checkpoint-last*"))
