@@ -9,9 +9,9 @@ atomic), is fsynced, then renamed over the target; on any error the temporary fi
 A process killed with SIGKILL cannot remove its temporary file, which can be as large as a model. The
 name says who wrote it: ``.NAME.<host>-<pid>.<hex>.tmp``. The next atomic write of the same target
 removes such files whose writer is no longer alive on this host (and, from other hosts of a shared
-file system, those untouched for a day), with a warning naming each and its size; a live writer's
-file is never touched. Files of the older ``.NAME.<hex>.tmp`` form carry no writer, so they count as
-stale once untouched for an hour.
+file system or where a process cannot be asked, those untouched for a day), with a warning naming
+each and its size; a live writer's file is never touched. Files of the older ``.NAME.<hex>.tmp``
+form carry no writer, so they count as stale once untouched for an hour.
 
 A full disk (or quota) while writing raises ``DiskFullError`` naming the file; the previous file is
 left as it was.
@@ -29,7 +29,7 @@ import socket
 import time
 import warnings
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, List, Tuple, Union
+from typing import IO, Any, Callable, Iterator, List, Optional, Tuple, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -66,15 +66,18 @@ def temp_path(path: PathLike) -> Path:
     return path.parent / f".{path.name}.{_host_tag()}-{os.getpid()}.{secrets.token_hex(6)}.tmp"
 
 
-def _pid_alive(pid: int) -> bool:
+def _pid_alive(pid: int) -> Optional[bool]:
+    """Whether process ``pid`` of this host exists; None where it cannot be asked safely."""
     if pid == os.getpid():
         return True
+    if os.name == "nt":
+        return None  # on Windows os.kill(pid, 0) sends CTRL_C_EVENT: never used to ask
     try:
         os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return False
-    except (PermissionError, OSError):
-        return True  # exists (another user's) or cannot be asked: assume alive
+    except OSError:
+        return True  # exists but is another user's (EPERM), or cannot be asked: assume alive
     return True
 
 
@@ -86,9 +89,8 @@ def _is_stale(tmp: Path, rest: str, now: float) -> bool:
         return False
     m = _NEW_FORM.fullmatch(rest)
     if m is not None:
-        if m.group("host") == _host_tag():
-            return not _pid_alive(int(m.group("pid")))
-        return age > FOREIGN_STALE_AGE_S
+        alive = _pid_alive(int(m.group("pid"))) if m.group("host") == _host_tag() else None
+        return not alive if alive is not None else age > FOREIGN_STALE_AGE_S
     return _OLD_FORM.fullmatch(rest) is not None and age > LEGACY_STALE_AGE_S
 
 
