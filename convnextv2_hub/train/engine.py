@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import config as C
-from ..checkpoints.reading import read_checkpoint_file
+from ..checkpoints.reading import CheckpointError, read_checkpoint_file
 from ..files import atomic_torch_save, atomic_write_json
 from .data import (
     MixupCutmix,
@@ -343,7 +343,10 @@ def _resume(s: _Setup, data: _Data, model: _Model) -> _Progress:
     env, logger = s.env, s.logger
     # The package's safe reader: weights only, nothing in the file runs, and one clear
     # CheckpointError for an empty, truncated or code-carrying file.
-    state = read_checkpoint_file(ckpt_path)
+    try:
+        state = read_checkpoint_file(ckpt_path)
+    except CheckpointError as e:  # the reader's message, said to be about --resume
+        raise CheckpointError(f"--resume {s.run.resume}: {e}") from e
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("mode") != s.mode:
         raise TrainingInputError(f"{ckpt_path} is not a {s.mode} training state of this trainer ({STATE_FILE}); "
                                  "to start from weights, use --init")
