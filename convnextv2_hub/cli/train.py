@@ -7,6 +7,9 @@
     torchrun --nproc_per_node 8 --nnodes 2 ... -m convnextv2_hub.train finetune ...   (same flags)
     convnextv2-train recipes [NAME]     # list recipes, or print one
     convnextv2-train keys               # every config key with its default
+
+Errors in what the user gave (config, data, checkpoint files, a blown-up run, a full disk) are one line
+on stderr and exit status 2 (config and flags) or 1 (everything after); a traceback means a bug.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import argparse
 import json
 import os
 import sys
-from typing import List, Optional
+from typing import Any, Dict, List, Optional, Tuple, Type
 
 from ..train import config as C
 
@@ -75,28 +78,54 @@ def _resolve(args: argparse.Namespace):
     return cfg, notes
 
 
+def _error(e: BaseException, status: int) -> int:
+    print(f"convnextv2-train: error: {e}", file=sys.stderr)
+    return status
+
+
+def _expected_errors() -> Tuple[Type[BaseException], ...]:
+    """The exceptions that report a problem with the input or the machine, not a bug in the trainer.
+    OSError covers what the file system refuses (permissions, a full disk: ``files.DiskFullError``)."""
+    from ..checkpoints.download import CheckpointDownloadError
+    from ..checkpoints.reading import CheckpointError
+    from ..train.engine import NonFiniteLossError
+    from ..train.run import TrainingInputError
+
+    return (C.ConfigError, TrainingInputError, CheckpointError, CheckpointDownloadError, NonFiniteLossError, OSError)
+
+
+def _print_recipes(name: Optional[str]) -> None:
+    if name:
+        print(open(C.load_recipe(name).path, encoding="utf-8").read())
+    else:
+        for recipe in C.list_recipes():
+            print(f"{recipe}: {C.load_recipe(recipe).description}")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "keys":
         print(C.known_keys_text())
         return 0
-    if args.command == "recipes":
-        if args.name:
-            print(open(C.load_recipe(args.name).path, encoding="utf-8").read())
-        else:
-            for name in C.list_recipes():
-                print(f"{name}: {C.load_recipe(name).description}")
-        return 0
     try:
+        if args.command == "recipes":
+            _print_recipes(args.name)
+            return 0
         cfg, notes = _resolve(args)
-    except (C.ConfigError, ValueError) as e:
-        print(f"convnextv2-train: error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:  # ConfigError, or parse_model_name's unknown name
+        return _error(e, 2)
     if args.dry_run:
         print(json.dumps({"config": cfg, "sources": notes}, indent=2))
         return 0
+    try:
+        _run(args, cfg, notes)
+    except _expected_errors() as e:
+        return _error(e, 1)
+    return 0
 
-    from ..train.engine import NonFiniteLossError, train
+
+def _run(args: argparse.Namespace, cfg: Dict[str, Any], notes: Dict[str, str]) -> None:
+    from ..train.engine import train
     from ..train.evaluation import run_eval
     from ..train.run import Run
 
@@ -105,17 +134,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         init=args.init, pretrained=getattr(args, "pretrained", False), resume=getattr(args, "resume", None),
         device=args.device, recipe=getattr(args, "recipe", None), notes=notes,
     )
-    try:
-        if run.mode == "eval":
-            res = run_eval(run)
-            if int(os.environ.get("RANK", "0")) == 0:  # torchrun: one report, not one per process
-                print(json.dumps({k: res[k] for k in ("top1", "top5", "loss", "num_images", "skipped_images")}, indent=1))
-        else:
-            train(run)
-    except NonFiniteLossError as e:
-        print(f"convnextv2-train: {e}", file=sys.stderr)
-        return 1
-    return 0
+    if run.mode == "eval":
+        res = run_eval(run)
+        if int(os.environ.get("RANK", "0")) == 0:  # torchrun: one report, not one per process
+            print(json.dumps({k: res[k] for k in ("top1", "top5", "loss", "num_images", "skipped_images")}, indent=1))
+    else:
+        train(run)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ known ones: a silently ignored typo (``--set warmup_epoch=5``) would waste a who
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from importlib import resources
@@ -89,6 +90,10 @@ DEFAULT_RECIPE = {"pretrain": "fcmae_pretrain", "finetune": "finetune_in1k"}
 NOTES_KEY = "source"
 
 
+# The largest lr (and blr) accepted; see ``_validate_numbers``.
+MAX_LR = 10.0
+
+
 class ConfigError(ValueError):
     """A bad key, value or recipe; the message says what is accepted."""
 
@@ -125,6 +130,8 @@ def coerce(key: str, value: Any, where: str = "--set") -> Any:
     if base == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
+        if not math.isfinite(value):  # JSON's NaN / Infinity parse as floats; no key takes them
+            raise ConfigError(f"{key} must be a finite number, got {value!r} ({where})")
         return float(value)
     if base == "int":
         if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
@@ -143,6 +150,8 @@ def coerce(key: str, value: Any, where: str = "--set") -> Any:
             value = [float(v) for v in value.split(",")]
         if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(isinstance(v, (int, float)) for v in value):
             raise bad
+        if not all(math.isfinite(v) for v in value):
+            raise ConfigError(f"{key} must be two finite numbers, got {value!r} ({where})")
         return [float(v) for v in value]
     raise AssertionError(f"unhandled type {typ}")
 
@@ -284,6 +293,38 @@ def validate(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(f"layer_decay must be > 0, got {cfg['layer_decay']}")
     if cfg["aa"] not in (None, "", "none"):
         parse_rand_augment(cfg["aa"])
+    _validate_numbers(cfg)
+
+
+def _check(ok: bool, key: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key} must be {rule}, got {value!r}")
+
+
+def _validate_numbers(cfg: Mapping[str, Any]) -> None:
+    """Ranges of the optimiser, model and runtime numbers. An lr above ``MAX_LR`` cannot train (AdamW
+    moves every weight by about lr per step) and above float32's range torch fails with an overflow
+    error deep in the optimiser step: both are refused here, before any folder is made."""
+    for k in ("blr", "lr"):
+        if cfg[k] is not None:
+            _check(0 < cfg[k] <= MAX_LR, k, f"in (0, {MAX_LR:g}] (AdamW moves each weight by about lr per step)", cfg[k])
+    _check(0 <= cfg["min_lr"] <= MAX_LR, "min_lr", f"in [0, {MAX_LR:g}]", cfg["min_lr"])
+    _check(cfg["opt_eps"] > 0, "opt_eps", "> 0", cfg["opt_eps"])
+    _check(cfg["weight_decay"] >= 0, "weight_decay", ">= 0", cfg["weight_decay"])
+    betas = cfg["opt_betas"]
+    _check(betas is None or all(0 <= b < 1 for b in betas), "opt_betas", "two numbers in [0, 1)", betas)
+    _check(cfg["clip_grad"] is None or cfg["clip_grad"] > 0, "clip_grad", "> 0 or null", cfg["clip_grad"])
+    _check(0 <= cfg["model_ema_decay"] <= 1, "model_ema_decay", "in [0, 1]", cfg["model_ema_decay"])
+    _check(0 <= cfg["mask_ratio"] < 1, "mask_ratio", "in [0, 1)", cfg["mask_ratio"])
+    _check(cfg["crop_pct"] is None or 0 < cfg["crop_pct"] <= 1, "crop_pct", "in (0, 1] or null", cfg["crop_pct"])
+    _check(cfg["mixup"] >= 0 and cfg["cutmix"] >= 0, "mixup/cutmix", ">= 0", (cfg["mixup"], cfg["cutmix"]))
+    _check(cfg["input_size"] >= 32, "input_size", ">= 32 (the network downsamples by 32)", cfg["input_size"])
+    _check(cfg["nb_classes"] is None or cfg["nb_classes"] >= 2, "nb_classes", ">= 2 or null", cfg["nb_classes"])
+    _check(cfg["eff_batch_size"] is None or cfg["eff_batch_size"] > 0, "eff_batch_size", "positive or null", cfg["eff_batch_size"])
+    _check(cfg["num_workers"] is None or cfg["num_workers"] >= 0, "num_workers", ">= 0 or null", cfg["num_workers"])
+    _check(cfg["save_ckpt_steps"] >= 0, "save_ckpt_steps", ">= 0 (0: off)", cfg["save_ckpt_steps"])
+    for k in ("decoder_depth", "decoder_embed_dim", "patch_size"):
+        _check(cfg[k] > 0, k, "positive", cfg[k])
 
 
 def parse_rand_augment(policy: str) -> Tuple[int, float, float]:

@@ -27,6 +27,7 @@ from torchvision.transforms import v2
 from ..preprocessing.images import IMAGE_EXTENSIONS, open_image
 from ..preprocessing.transforms import ToRGB, interpolation_mode, to_normalized_tensor, train_transform
 from ..preprocessing.transforms import eval_transform as preprocessing_eval_transform
+from .run import TrainingInputError
 
 _MAX_REPLACEMENTS = 64  # consecutive unreadable files before we conclude the data set is broken
 
@@ -51,6 +52,20 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def check_readable(self, where: Union[str, Path]) -> None:
+        """Raise ``TrainingInputError`` when none of the first files (as many as ``__getitem__`` would
+        pass over) can be read: found before a run starts, not as a traceback in its first batch."""
+        tried = min(_MAX_REPLACEMENTS, len(self.samples))
+        first_error = None
+        for path, _ in self.samples[:tried]:
+            try:
+                open_image(path)
+                return
+            except Exception as e:  # the same failures __getitem__ skips
+                first_error = first_error or f"{path}: {type(e).__name__}: {e}"
+        raise TrainingInputError(f"{where}: none of the first {tried} images can be read as an image "
+                                 f"(first: {first_error}); is the data set intact?")
+
     def __getitem__(self, key: Union[int, Tuple[int, int]]) -> Tuple[torch.Tensor, int, int]:
         index, seed = (key, None) if isinstance(key, int) else key
         skipped = 0
@@ -63,7 +78,7 @@ class ImageDataset(Dataset):
                 warnings.warn(f"skipping unreadable image {path}: {type(e).__name__}: {e}", stacklevel=2)
                 skipped += 1
                 if skipped >= min(_MAX_REPLACEMENTS, len(self.samples)):
-                    raise RuntimeError(f"{skipped} consecutive unreadable images up to {path}; is the data set intact?") from e
+                    raise TrainingInputError(f"{skipped} consecutive unreadable images up to {path}; is the data set intact?") from e
                 index = (index + 1) % len(self.samples)
         if self.transform is not None:
             if seed is None:
@@ -113,7 +128,7 @@ def file_list_samples(list_file: Path) -> Tuple[List[Tuple[str, int]], List[str]
         elif len(parts) == 1 or not parts[1].lstrip("-").isdigit():
             path, lab = line, -1  # no label (pre-training lists); a path may contain spaces
         else:
-            raise ValueError(f"{list_file}:{n}: expected '<path> <integer label>', got {line!r}")
+            raise TrainingInputError(f"{list_file}:{n}: expected '<path> <integer label>', got {line!r}")
         p = Path(path)
         samples.append((str(p if p.is_absolute() else base / p), lab))
     n_classes = max((lab for _, lab in samples), default=-1) + 1
@@ -137,13 +152,21 @@ def find_split(data_path: Union[str, Path], split: str, fallback_to_root: bool =
 
 
 def build_dataset(location: Path, transform: Optional[Callable]) -> ImageDataset:
+    """The data set at ``location`` (ImageFolder or file list), checked to hold readable images."""
     if location.is_file():
         samples, classes = file_list_samples(location)
     else:
-        samples, classes = image_folder_samples(location)
+        try:
+            samples, classes = image_folder_samples(location)
+        except FileNotFoundError as e:  # torchvision: "Couldn't find any class folder in ..."
+            raise TrainingInputError(f"{location} has no class folders: an ImageFolder holds one sub-folder "
+                                     "per class, with the images inside") from e
     if not samples:
-        raise ValueError(f"no images found in {location} (ImageFolder: one sub-folder per class; extensions {IMAGE_EXTENSIONS})")
-    return ImageDataset(samples, classes, transform)
+        raise TrainingInputError(f"no images found in {location} (ImageFolder: one sub-folder per class; "
+                                 f"extensions {IMAGE_EXTENSIONS})")
+    ds = ImageDataset(samples, classes, transform)
+    ds.check_readable(location)
+    return ds
 
 
 # ------------------------------------------------------------------------------------------------
@@ -173,7 +196,7 @@ class TrainSampler(Sampler):
         self.start = 0
         self.num_samples = n // num_replicas
         if self.num_samples == 0:
-            raise ValueError(f"{n} training images cannot be split over {num_replicas} processes")
+            raise TrainingInputError(f"{n} training images cannot be split over {num_replicas} processes")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

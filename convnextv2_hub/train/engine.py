@@ -19,6 +19,12 @@ rename, so a kill at any moment leaves either the previous file or the complete 
 - ``log.jsonl``: one line per ``log_interval`` optimiser steps and one per epoch.
 - ``eval.json``: top-1/top-5 of the last evaluation (model and EMA).
 
+Nothing is written before the data, the model and ``--resume``'s file have been checked: a run that
+fails on its input leaves no folder, ``config.json`` or log behind. A checkpoint is never written over
+a good one with ruined weights: before every save (and after every epoch) the weights, EMA and
+optimiser moments are checked to be finite, and a non-finite evaluation loss (weights that overflow
+without being inf yet) stops the run the same way; the message names the last good checkpoint.
+
 Exact resume rests on three things: (1) augmentation randomness is per sample, seeded by (seed,
 epoch, index), so restarting in the middle of an epoch replays the same pixels (``data.py``);
 (2) the lr is a pure function of the position (epoch, micro-step); (3) everything else that draws
@@ -47,6 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import config as C
+from ..checkpoints.reading import CheckpointError, read_checkpoint_file
 from ..files import atomic_torch_save, atomic_write_json
 from .data import (
     MixupCutmix,
@@ -67,6 +74,7 @@ from .models import build_finetune_model, build_pretrain_model
 from .optim import absolute_lr, build_optimizer, lr_at, set_lr
 from .rng import capture_rng, restore_rng, seed_all
 from .run import Run  # also importable from here: ``from convnextv2_hub.train.engine import Run``
+from .run import TrainingInputError
 from .runlog import Logger
 
 STATE_FILE = "checkpoint-last.pt"
@@ -76,27 +84,40 @@ STATE_FORMAT = "convnextv2_hub.train/1"
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or inf; the run stopped without writing a checkpoint."""
+    """The loss, the weights or the evaluation loss became NaN or inf; the run stopped without
+    writing a checkpoint over the last good one."""
 
 
 def find_resume(run: Run) -> Optional[Path]:
     if not run.resume:
         return None
     if run.resume == "auto":
-        p = Path(run.output_dir or ".") / STATE_FILE
+        p = Path(run.output_dir or "runs/" + run.mode) / STATE_FILE
         return p if p.is_file() else None
     p = Path(run.resume)
     if not p.is_file():
-        raise FileNotFoundError(f"--resume {run.resume}: no such file")
+        raise TrainingInputError(f"--resume {run.resume}: no such file (give a {STATE_FILE}, or 'auto')")
     return p
 
 
-def _nonfinite_message(loss: float, epoch: int, micro: int, step: int, out: Path, ckpt_info: str) -> str:
+def _last_good(out: Path, ckpt_info: Optional[str]) -> str:
+    """The sentence naming the last good checkpoint of this run, or saying that there is none."""
+    if ckpt_info is not None:
+        return f"the last good checkpoint is {out / STATE_FILE} ({ckpt_info}); after the fix, continue with --resume auto"
+    if (out / STATE_FILE).is_file():
+        return f"this run saved no checkpoint; {out / STATE_FILE} is an earlier run's, left untouched"
+    return "no good checkpoint exists: this run saved none"
+
+
+def _nonfinite_message(what: str, out: Path, ckpt_info: Optional[str]) -> str:
     return (
-        f"loss is {loss} at epoch {epoch}, iteration {micro}, optimiser step {step}: stopping. "
-        f"Nothing was saved after this point; the last good checkpoint is {out / STATE_FILE} ({ckpt_info}). "
-        "Lower the lr (blr), set clip_grad, or use amp_dtype=bfloat16 / use_amp=false, then --resume auto."
+        f"{what}: stopping. Nothing was saved after this point; {_last_good(out, ckpt_info)}. "
+        "Lower the lr (blr), set clip_grad, or use amp_dtype=bfloat16 / use_amp=false."
     )
+
+
+def _loss_message(loss: float, epoch: int, micro: int, step: int, out: Path, ckpt_info: Optional[str]) -> str:
+    return _nonfinite_message(f"loss is {loss} at epoch {epoch}, iteration {micro}, optimiser step {step}", out, ckpt_info)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -166,7 +187,7 @@ class _Progress:
     global_step: int = 0
     sums: Dict[str, float] = field(default_factory=_zero_sums)
     best: Dict[str, Any] = field(default_factory=dict)
-    ckpt_info: str = "none yet"
+    ckpt_info: Optional[str] = None  # where the last checkpoint this run wrote or resumed from stands
     rng: Optional[Dict[str, Any]] = None
 
 
@@ -192,6 +213,7 @@ def train(run: Run) -> Dict[str, Any]:
         data = _build_data(s)
         model = _build_model(s, data)
         progress = _resume(s, data, model)
+        _make_output(s)  # only now: everything the run reads has been checked
         _write_config(s, data)
         _wrap_model(s, data, model)
         if progress.rng is not None:
@@ -213,15 +235,14 @@ def train(run: Run) -> Dict[str, Any]:
 
 
 def _setup(run: Run, env: DistEnv, out: Path) -> _Setup:
-    """The output folder, the log, the seeds, the effective batch and the lr."""
+    """The log, the seeds, the effective batch and the lr (the output folder is made later, by ``_make_output``)."""
     cfg = run.cfg
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    barrier(env)
     logger = Logger(out, env, cfg["tensorboard"])
     seed_all(cfg["seed"] + env.rank)
     update_freq, eff_batch = C.effective_batch(cfg, env.world_size)
     lr = absolute_lr(cfg, eff_batch)
+    if lr > C.MAX_LR:
+        raise C.ConfigError(f"lr = blr * {eff_batch} / 256 = {lr:.3g} is above {C.MAX_LR:g}: lower blr or the batch")
     if cfg["eff_batch_size"] and eff_batch != cfg["eff_batch_size"] and cfg["lr"] is None:
         logger.info(f"note: effective batch {eff_batch} differs from the recipe's {cfg['eff_batch_size']}; "
                     f"lr = blr * {eff_batch} / 256 = {lr:.3g}")
@@ -233,7 +254,7 @@ def _datasets(s: _Setup) -> Tuple[Any, Any, int]:
     run, cfg = s.run, s.cfg
     train_loc = find_split(run.data_path, "train")
     if train_loc is None:
-        raise FileNotFoundError(f"no training data: expected {run.data_path}/train/ (ImageFolder) or {run.data_path}/train.txt")
+        raise TrainingInputError(f"no training data: expected {run.data_path}/train/ (ImageFolder) or {run.data_path}/train.txt")
     prep = eval_preprocessing(run.model, cfg["input_size"], cfg["crop_pct"], cfg["imagenet_default_mean_and_std"])
     if s.mode == "pretrain":
         tf = fcmae_train_transform(cfg["input_size"], prep.mean, prep.std, cfg["train_interpolation"], cfg["train_crop_scale"] or (0.2, 1.0))
@@ -246,15 +267,28 @@ def _datasets(s: _Setup) -> Tuple[Any, Any, int]:
     if s.mode == "finetune":
         num_classes = cfg["nb_classes"] or len(train_ds.classes)
         if min(lab for _, lab in train_ds.samples) < 0:
-            raise ValueError(f"{train_loc}: fine-tuning needs a label for every image")
+            raise TrainingInputError(f"{train_loc}: fine-tuning needs a label for every image")
+        _check_classes(train_loc, train_ds)
         val_loc = find_split(run.data_path, "val")
         if val_loc is not None:
             val_ds = build_dataset(val_loc, eval_transform(prep))
             if not val_loc.is_file() and not train_loc.is_file() and val_ds.classes != train_ds.classes:
-                raise ValueError(f"train/ and val/ have different class folders ({len(train_ds.classes)} vs {len(val_ds.classes)})")
+                raise TrainingInputError(f"train/ and val/ have different class folders ({len(train_ds.classes)} vs {len(val_ds.classes)})")
         else:
             s.logger.info(f"note: no {run.data_path}/val: no evaluation during training")
     return train_ds, val_ds, num_classes
+
+
+def _check_classes(train_loc: Path, train_ds: Any) -> None:
+    """Fine-tuning needs two classes at least: with one, the loss is 0 and top-1 100 % from the first
+    step, and the classifier learns nothing."""
+    present = sorted({lab for _, lab in train_ds.samples})
+    if len(present) < 2:
+        name = train_ds.classes[present[0]] if present and present[0] < len(train_ds.classes) else present
+        raise TrainingInputError(
+            f"{train_loc} has images of one class only ({name!s}): fine-tuning a classifier needs at least two "
+            "classes (with one it reaches loss 0 and 100 % top-1 without learning anything)"
+        )
 
 
 def _build_data(s: _Setup) -> _Data:
@@ -267,7 +301,7 @@ def _build_data(s: _Setup) -> _Data:
     sampler = TrainSampler(len(train_ds), env.world_size, env.rank, seed=cfg["seed"])
     micro_per_epoch = (sampler.num_samples // bs) // s.update_freq * s.update_freq
     if micro_per_epoch == 0:
-        raise ValueError(
+        raise TrainingInputError(
             f"{len(train_ds)} images are fewer than one optimiser step needs "
             f"(batch_size {bs} x update_freq {s.update_freq} x {env.world_size} processes)"
         )
@@ -307,9 +341,15 @@ def _resume(s: _Setup, data: _Data, model: _Model) -> _Progress:
     if ckpt_path is None:
         return progress
     env, logger = s.env, s.logger
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    if state.get("format") != STATE_FORMAT or state.get("mode") != s.mode:
-        raise ValueError(f"{ckpt_path} is not a {s.mode} training state of this trainer")
+    # The package's safe reader: weights only, nothing in the file runs, and one clear
+    # CheckpointError for an empty, truncated or code-carrying file.
+    try:
+        state = read_checkpoint_file(ckpt_path)
+    except CheckpointError as e:  # the reader's message, said to be about --resume
+        raise CheckpointError(f"--resume {s.run.resume}: {e}") from e
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("mode") != s.mode:
+        raise TrainingInputError(f"{ckpt_path} is not a {s.mode} training state of this trainer ({STATE_FILE}); "
+                                 "to start from weights, use --init")
     model.raw.load_state_dict(state["model"])
     if model.ema is not None and state.get("ema") is not None:
         model.ema.load_state_dict(state["ema"])
@@ -334,6 +374,13 @@ def _resume(s: _Setup, data: _Data, model: _Model) -> _Progress:
     progress.ckpt_info = f"epoch {progress.epoch}, iteration {progress.micro}, step {progress.global_step}"
     logger.info(f"resumed from {ckpt_path}: {progress.ckpt_info}")
     return progress
+
+
+def _make_output(s: _Setup) -> None:
+    """The output folder (rank 0; the others wait for it)."""
+    if s.env.is_main:
+        s.out.mkdir(parents=True, exist_ok=True)
+    barrier(s.env)
 
 
 def _write_config(s: _Setup, data: _Data) -> None:
@@ -401,7 +448,7 @@ def _train_epoch(s: _Setup, data: _Data, model: _Model, progress: _Progress, epo
             bad = all_sum([1.0 if pending_nonfinite else 0.0], env)[0]
             if bad:
                 v, at = pending_nonfinite or (float("nan"), i)
-                raise NonFiniteLossError(_nonfinite_message(v, epoch, at, progress.global_step, s.out, progress.ckpt_info))
+                raise NonFiniteLossError(_loss_message(v, epoch, at, progress.global_step, s.out, progress.ckpt_info))
         _optimizer_step(s, model)
         progress.global_step += 1
         if bar is not None:
@@ -410,6 +457,7 @@ def _train_epoch(s: _Setup, data: _Data, model: _Model, progress: _Progress, epo
             _log_step(s, model, progress, window, bar, epoch, i)
             window = _LogWindow()
         if cfg["save_ckpt_steps"] and progress.global_step % cfg["save_ckpt_steps"] == 0 and i + 1 < data.micro_per_epoch:
+            _check_weights(s, model, progress, f"epoch {epoch}, iteration {i + 1}, optimiser step {progress.global_step}")
             _save_state(s, data, model, progress, epoch, i + 1, gen_at_epoch_start)
             progress.ckpt_info = f"epoch {epoch}, iteration {i + 1}, step {progress.global_step}"
     if bar is not None:
@@ -428,7 +476,7 @@ def _forward_backward(s: _Setup, model: _Model, progress: _Progress, images: tor
             loss = _train_loss(s, model, images, labels)
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value) and not env.distributed:
-            raise NonFiniteLossError(_nonfinite_message(loss_value, epoch, i, progress.global_step, s.out, progress.ckpt_info))
+            raise NonFiniteLossError(_loss_message(loss_value, epoch, i, progress.global_step, s.out, progress.ckpt_info))
         # Every process runs backward even on a bad loss: DDP's gradient all-reduce
         # needs all of them; the step is refused at the boundary, together.
         model.scaler.scale(loss / s.update_freq).backward()
@@ -493,12 +541,14 @@ def _end_epoch(s: _Setup, data: _Data, model: _Model, progress: _Progress, epoch
         + (f", EMA top-1 {entry['val_ema']['top1']:.2f}" if "val_ema" in entry else "")
         + (f", skipped {entry['skipped_images']} unreadable images" if entry["skipped_images"] else "")
     )
-    if env.is_main and last_eval:
-        atomic_write_json(s.out / "eval.json", dict(last_eval, model=s.run.model, weights=str(s.out / WEIGHTS_FILE)))
+    _check_eval(s, progress, epoch, last_eval)
+    _check_weights(s, model, progress, f"the end of epoch {epoch} (optimiser step {progress.global_step})")
     if (epoch + 1) % cfg["save_ckpt_freq"] == 0 or epoch + 1 == cfg["epochs"]:
         _save_state(s, data, model, progress, epoch + 1, 0, data.loader_gen.get_state())
         _save_weights(s, model, progress, epoch + 1)
         progress.ckpt_info = f"epoch {epoch + 1}, iteration 0, step {progress.global_step}"
+    if env.is_main and last_eval:  # after the weights it describes: a failed save leaves the old pair
+        atomic_write_json(s.out / "eval.json", dict(last_eval, model=s.run.model, weights=str(s.out / WEIGHTS_FILE)))
     barrier(env)
     return last_eval
 
@@ -516,6 +566,35 @@ def _evaluate_epoch(s: _Setup, data: _Data, model: _Model, progress: _Progress, 
         progress.best = {"top1": result["top1"], "epoch": epoch}
     result["best"] = progress.best
     return result
+
+
+def _nonfinite_tensors(model: _Model) -> List[str]:
+    """Names of the weights, EMA weights and optimiser moments holding a NaN or inf."""
+    named = [(f"model {k}", v) for k, v in model.raw.state_dict().items()]
+    if model.ema is not None:
+        named += [(f"EMA {k}", v) for k, v in model.ema.state_dict().items()]
+    for index, state in model.optimizer.state_dict()["state"].items():
+        named += [(f"optimiser state {index}.{k}", v) for k, v in state.items()]
+    return [k for k, v in named if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def _check_weights(s: _Setup, model: _Model, progress: _Progress, where: str) -> None:
+    """Stop before a save when the training state is not finite: a loss checked before the step cannot
+    see what the step did. Every process holds the same weights, so all stop together."""
+    bad = _nonfinite_tensors(model)
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise NonFiniteLossError(_nonfinite_message(f"non-finite values in {shown} at {where}", s.out, progress.ckpt_info))
+
+
+def _check_eval(s: _Setup, progress: _Progress, epoch: int, last_eval: Dict[str, Any]) -> None:
+    """A NaN or inf evaluation loss: the weights have blown up (finite but huge, or NaN); stop before
+    they are saved or described in ``eval.json``."""
+    for name, res in (("model", last_eval), ("EMA", last_eval.get("ema") or {})):
+        loss = res.get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise NonFiniteLossError(_nonfinite_message(
+                f"the {name}'s evaluation loss is {loss} after epoch {epoch}", s.out, progress.ckpt_info))
 
 
 def _save_state(s: _Setup, data: _Data, model: _Model, progress: _Progress, epoch: int, micro: int, gen_state: torch.Tensor) -> None:

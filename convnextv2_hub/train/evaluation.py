@@ -12,7 +12,7 @@ from torch import nn
 from ..files import atomic_write_json
 from .data import ShardSampler, build_dataset, collate, default_num_workers, eval_preprocessing, eval_transform, find_split
 from .distributed import DistEnv, all_sum, init_distributed, shutdown
-from .run import Run
+from .run import Run, TrainingInputError
 
 
 @torch.no_grad()
@@ -32,7 +32,7 @@ def evaluate(model: nn.Module, loader, env: DistEnv, amp: Optional[torch.dtype],
         logits = logits.float()
         num_classes = logits.shape[1]
         if int(labels.max()) >= num_classes:
-            raise ValueError(f"a label ({int(labels.max())}) is out of range for a {num_classes}-class model")
+            raise TrainingInputError(f"a label ({int(labels.max())}) is out of range for a {num_classes}-class model")
         loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
         top = logits.topk(min(5, num_classes), dim=1).indices
         hit = top == labels[:, None]
@@ -85,7 +85,7 @@ def run_eval(run: Run) -> Dict[str, Any]:
     try:
         loc = find_split(run.data_path, "val", fallback_to_root=True)
         if loc is None:
-            raise FileNotFoundError(f"no evaluation data at {run.data_path}")
+            raise TrainingInputError(f"no evaluation data at {run.data_path}")
         prep = eval_preprocessing(run.model, cfg["input_size"], cfg["crop_pct"], cfg["imagenet_default_mean_and_std"])
         ds = build_dataset(loc, eval_transform(prep))
         num_classes = cfg["nb_classes"] or (None if run.pretrained else _checkpoint_classes(run.init)) or len(ds.classes)
@@ -93,7 +93,7 @@ def run_eval(run: Run) -> Dict[str, Any]:
             model = create(run.model, pretrained=True)
         else:
             if not run.init:
-                raise ValueError("eval needs --pretrained or --init PATH (weights to evaluate)")
+                raise TrainingInputError("eval needs --pretrained or --init PATH (weights to evaluate)")
             model = create(run.model, num_classes=num_classes, checkpoint_path=run.init)
         model.to(env.device)
         if cfg["channels_last"]:

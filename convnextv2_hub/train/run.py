@@ -6,6 +6,11 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 
+class TrainingInputError(ValueError):
+    """What the user gave cannot be trained or evaluated (data, flags, files); the message says what
+    and how to fix it. The CLI prints it as one line, without a traceback."""
+
+
 @dataclass
 class Run:
     """One invocation: the mode, what the flags gave, and the resolved config."""

@@ -1,12 +1,16 @@
 """The run's log: rank-0 console lines, ``log.jsonl`` (trimmed on resume to what an uninterrupted run
-would have written) and optional TensorBoard scalars."""
+would have written) and optional TensorBoard scalars.
+
+Nothing is written to disk before the first ``record``: a run that fails while checking its data and
+model leaves no log file or TensorBoard folder behind. ``log.jsonl`` is strict JSON: a NaN or infinite
+value is written as null and named in the line's ``non_finite_as_null``."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from ..files import atomic_write
+from ..files import atomic_write, json_text
 from .distributed import DistEnv
 
 
@@ -17,22 +21,28 @@ class Logger:
         self.active = env.is_main
         self.path = out / "log.jsonl" if (out is not None and self.active) else None
         self.tb = None
-        if self.active and out is not None and use_tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
-
-                self.tb = SummaryWriter(str(out / "tensorboard"))
-            except ImportError:
-                self.tb = None
+        # Opened at the first record: SummaryWriter creates its folder at once.
+        self._tb_dir = out / "tensorboard" if (self.active and out is not None and use_tensorboard) else None
 
     def info(self, msg: str) -> None:
         if self.active:
             print(msg, flush=True)
 
+    def _open_tensorboard(self) -> None:
+        tb_dir, self._tb_dir = self._tb_dir, None
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+            self.tb = SummaryWriter(str(tb_dir))
+        except ImportError:
+            self.tb = None
+
     def record(self, entry: Dict[str, Any]) -> None:
         if self.path is not None:
             with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(entry) + "\n")
+                f.write(json_text(entry) + "\n")
+        if self._tb_dir is not None:
+            self._open_tensorboard()
         if self.tb is not None:
             step = entry.get("global_step", 0)
             for k, v in _flatten(entry).items():

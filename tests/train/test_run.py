@@ -1,6 +1,7 @@
 """Trainer runs on a small real image data set (scikit-learn's digits, upscaled to 32x32 RGB PNGs):
-pretrain -> fine-tune -> eval end to end, bit-exact resume after SIGKILL, 2-process DDP == 1 process,
-NaN stop. Atto at 32-64 px, one thread per process (the tests may share few cores)."""
+pretrain -> fine-tune -> eval end to end, bit-exact resume after SIGKILL, 2-process DDP == 1 process.
+Atto at 32-64 px, one thread per process (the tests may share few cores). Faults (NaN, bad input, a
+full disk) are in test_faults.py."""
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_digits
 from safetensors.torch import load_file
 
 from convnextv2_hub.cli.train import main
@@ -30,26 +32,6 @@ def one_thread():
 
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-
-
-def write_digits(root: Path, classes, n_train: int, n_val: int, corrupt: bool = False) -> Path:
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    rng = np.random.default_rng(0)
-    for c in classes:
-        idx = np.flatnonzero(d.target == c)
-        rng.shuffle(idx)
-        for split, ids in (("train", idx[:n_train]), ("val", idx[n_train : n_train + n_val])):
-            folder = root / split / str(c)
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in ids:
-                a = (d.images[i] * (255 / 16)).astype(np.uint8)
-                Image.fromarray(a, "L").resize((32, 32), Image.BILINEAR).convert("RGB").save(folder / f"{i}.png")
-    if corrupt:
-        (root / "train" / str(classes[0]) / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    return root
 
 
 def read_log(out: Path):
@@ -183,19 +165,3 @@ def test_gradient_accumulation_equals_the_large_batch(tmp_path):
     b = load_file(str(tmp_path / "acc" / "checkpoint-last.safetensors"))
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
     assert torch.load(tmp_path / "acc" / "checkpoint-last.pt", weights_only=True)["global_step"] == 2
-
-
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
-    data = write_digits(tmp_path / "digits", [0, 1], 16, 4)
-    out = tmp_path / "run"
-    args = ["finetune", "--model", "atto", "--data", str(data), "--output", str(out), *COMMON,
-            "--set", "batch_size=8", "--set", "input_size=32", "--set", "model_ema=false"]
-    assert main([*args, "--set", "epochs=1", "--set", "lr=1e-3"]) == 0
-    good = load_file(str(out / "checkpoint-last.safetensors"))
-    # an absurd lr blows the weights up after one step; the next loss is not finite
-    assert main([*args, "--set", "epochs=3", "--set", "lr=1e30", "--resume", "auto"]) == 1
-    err = capsys.readouterr().err
-    assert "loss is" in err and "last good checkpoint" in err and "checkpoint-last.pt" in err
-    state = torch.load(out / "checkpoint-last.pt", weights_only=True)
-    assert state["epoch"] == 1 and state["global_step"] == 4
-    assert all(torch.equal(good[k], state["model"][k]) for k in good)
