@@ -129,9 +129,12 @@ def test_files_and_pil_images_of_any_mode_classify_alike(model, photos, tmp_path
 # Bad input: refused with a message that says what to do, or reported for its file alone
 # ------------------------------------------------------------------------------------------------
 def test_decompression_bomb_is_reported_for_its_file_and_the_others_classified(model, photos, bomb_png):
+    from convnextv2_hub.preprocessing.transforms import eval_transform
+
     files = [photos[0], bomb_png, photos[1], photos[2]]
-    p = Predictor(model, backend="eager", batch_size=2)
-    for preds in (p.classify(files, topk=3), classify(model, files, topk=3)):
+    small = eval_transform(SIZE)  # the model's 224 px pipeline would only make the test slower
+    p = Predictor(model, backend="eager", batch_size=2, transform=small)
+    for preds in (p.classify(files, topk=3), classify(model, files, topk=3, transform=small)):
         assert [pr.error is None for pr in preds] == [True, False, True, True]
         assert all(len(pr.topk) == 3 for pr in preds if pr.error is None) and preds[1].topk == []
         assert "bomb.png" in preds[1].error and "exceeds the pixel limit" in preds[1].error
