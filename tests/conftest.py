@@ -358,3 +358,28 @@ def write_digits(root: Path, classes, n_train: int, n_val: int, corrupt: bool = 
     if corrupt:
         (root / "train" / str(classes[0]) / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     return root
+# Decompression bombs (tests/preprocessing/test_images.py, tests/inference/test_predictor.py, tests/cli)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def write_bomb_png(path: Path, width: int = 14000, height: int = 14000) -> str:
+    """A valid all-black 1-bit greyscale PNG of ``width`` x ``height`` pixels: a decompression bomb of a few
+    tens of KB. Written chunk by chunk with zlib, so making it never holds the image in memory (PIL would)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = bytes(1 + (width + 7) // 8)  # filter type 0, then the row's pixels packed 8 to a byte
+    packer = zlib.compressobj(9)
+    body = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1 bit, greyscale, no interlace
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def bomb_png(tmp_path_factory) -> str:
+    """A 14000 x 14000 PNG (196 M pixels, above twice PIL's default MAX_IMAGE_PIXELS), made once per module."""
+    return write_bomb_png(tmp_path_factory.mktemp("bomb") / "bomb.png")

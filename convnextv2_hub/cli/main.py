@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import List, Optional
 
@@ -51,17 +50,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from ..models.factory import create
-    from ..inference.predictor import Predictor
+    from ..inference.predictor import Predictor, check_topk, load_classifier
+    from ..preprocessing.images import expand_image_paths
 
-    images = args.images or [sample_image_path()]
-    # A mistyped path is named before any weights are downloaded (unreadable files are reported per image).
-    missing = [path for path in images if not os.path.exists(path)]
-    if missing:
-        raise FileNotFoundError(f"no such image file: {', '.join(missing)}; check the path(s)")
-    model = create(
+    # Bad arguments, mistyped paths and empty folders are named before any weights are read or downloaded
+    # (unreadable files, in contrast, are reported per image and the others still classified).
+    check_topk(args.topk)
+    images = expand_image_paths(args.images or [sample_image_path()])
+    # Refuses a --num-classes that would mean a new, untrained head (for a pretrained name: before downloading).
+    model = load_classifier(
         args.model,
-        pretrained=args.checkpoint_path is None,
         checkpoint_path=args.checkpoint_path,
         num_classes=args.num_classes,
         force_download=args.force_download,
@@ -102,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("predict", help="classify images (default: the bundled sample photo)")
-    p.add_argument("images", nargs="*", help="image files")
+    p.add_argument("images", nargs="*", help="image files and folders (searched recursively for images)")
     p.add_argument("--model", default="tiny", help="model or checkpoint name (default: tiny)")
     p.add_argument("--checkpoint-path", help="local weights instead of downloading")
     p.add_argument("--num-classes", type=int, help="head size of --checkpoint-path weights")

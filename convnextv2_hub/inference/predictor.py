@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional,
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..checkpoints.registry import label_names
+from ..checkpoints.registry import get_checkpoint, label_names
 from ..models.convnextv2 import ConvNeXtV2
 from ..preprocessing.image_folder import default_transform
 from ..preprocessing.images import open_image
@@ -24,6 +24,10 @@ if TYPE_CHECKING:
     from .compile_backend import CompiledConvNeXtV2
 
 ImageInput = Union[str, os.PathLike, Image.Image]
+
+# The stem (stride 4) and the three 2x downsamplings divide the input by 32: below 32 px a stage has no
+# pixels left and the conv (or ONNX Runtime) fails with an error that does not say why.
+MIN_INPUT_SIZE = 32
 
 
 @dataclass
@@ -51,8 +55,10 @@ def classify(
     """Classify files or PIL images; unreadable inputs get a Prediction with ``error`` set."""
     _require_head(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    in_chans = model.downsample_layers[0][0].in_channels
 
     def run(batch: torch.Tensor) -> torch.Tensor:
+        check_batch(batch, channels=in_chans)
         with torch.inference_mode():
             return model(batch.to(device))
 
@@ -71,6 +77,29 @@ def _require_head(model: ConvNeXtV2) -> None:
                          "create it from a fine-tuned checkpoint, e.g. create('tiny', pretrained=True)")
 
 
+def check_topk(topk: int) -> None:
+    """Refuse ``topk < 1`` (it used to become 1 without a word); a ``topk`` above the class count gives all."""
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        raise ValueError(f"topk must be a whole number >= 1 (how many labels to report per image), got {topk!r}")
+
+
+def check_batch(x: torch.Tensor, channels: int = 3) -> None:
+    """Refuse, before any backend runs, a batch the model would misread or fail on with a raw error."""
+    if x.dim() != 4 or x.shape[1] != channels:
+        raise ValueError(f"expected an N x {channels} x H x W batch, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        # A uint8 image tensor would be taken as already normalised and give confident nonsense.
+        raise TypeError(
+            f"expected a normalised floating-point batch, got dtype {x.dtype}: preprocess images with the "
+            "checkpoint's transforms (model.checkpoint.transforms() or cvh.create_transform(name)), "
+            "or pass the files or PIL images to predict()")
+    h, w = x.shape[-2:]
+    if min(h, w) < MIN_INPUT_SIZE:
+        raise ValueError(
+            f"input of {h} x {w} px is too small: ConvNeXt V2 needs at least {MIN_INPUT_SIZE} x {MIN_INPUT_SIZE} "
+            f"px (it downsamples by 32; a multiple of 32 is recommended)")
+
+
 def _classify_with(
     run: Callable[[torch.Tensor], torch.Tensor],
     images: Iterable[ImageInput],
@@ -81,7 +110,8 @@ def _classify_with(
     num_classes: int,
 ) -> List[Prediction]:
     """Decode, transform and batch ``images``; ``run`` maps an (N, 3, H, W) batch to logits."""
-    k = max(1, min(topk, num_classes))
+    check_topk(topk)
+    k = min(topk, num_classes)
     results: List[Prediction] = []
     pending: List[Tuple[Prediction, torch.Tensor]] = []
 
@@ -132,6 +162,51 @@ def predict(
     return out
 
 
+_NEW_HEAD_ADVICE = ("predicting would use a new, untrained head (a new head is for fine-tuning, e.g. with "
+                    "convnextv2-train); pass weights with a trained head and their class count "
+                    "(num_classes / --num-classes), or omit the class count to use the checkpoint's")
+
+
+def load_classifier(
+    name: str,
+    checkpoint_path: Union[str, os.PathLike, None] = None,
+    num_classes: Optional[int] = None,
+    **create_kwargs: Any,
+) -> ConvNeXtV2:
+    """``create(name, ...)`` for classifying: the pretrained weights of ``name``, or ``checkpoint_path``'s.
+
+    Refuses (``ValueError``) a model whose head would be new and untrained: ``num_classes`` different from
+    the checkpoint's, or weights without a classifier head. ``create`` keeps such a head on purpose, as the
+    start of a fine-tune; classifying with it prints guesses. A pretrained name is checked against the
+    manifest before anything is downloaded. ``create_kwargs`` go to ``create``.
+    """
+    from ..checkpoints.io import load_checkpoint
+    from ..models.factory import create
+
+    if checkpoint_path is None:
+        ckpt = get_checkpoint(name)
+        wanted = ckpt.num_classes if num_classes is None else num_classes
+        if ckpt.num_classes == 0:
+            raise ValueError(f"{ckpt.name} is an encoder without a classifier head (a pre-training checkpoint); "
+                             "to classify, use a fine-tuned checkpoint such as tiny.fcmae_ft_in1k or fine-tune "
+                             "this one (convnextv2-train)")
+        if wanted != ckpt.num_classes:
+            raise ValueError(f"{ckpt.name} has a {ckpt.num_classes}-class head, not {wanted}: {_NEW_HEAD_ADVICE}")
+        return create(name, pretrained=True, num_classes=num_classes, **create_kwargs)
+    model = create(name, num_classes=num_classes, **create_kwargs)
+    # load_checkpoint warns that it keeps a new head; here that is an error, so its warning is held back.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = load_checkpoint(model, checkpoint_path)
+    if "head" in report.reinitialized:
+        reasons = [str(w.message).split("; keeping")[0] for w in caught if "head" in str(w.message)]
+        reason = reasons[0] if reasons else f"{report.source} has no {model.num_classes}-class head"
+        raise ValueError(f"{reason}: {_NEW_HEAD_ADVICE}")
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return model
+
+
 # ------------------------------------------------------------------------------------------------
 # Predictor: a fast inference backend for one model
 # ------------------------------------------------------------------------------------------------
@@ -179,7 +254,8 @@ class Predictor:
     """Fast inference for one ConvNeXtV2: ``p(batch) -> logits`` and ``p.predict(files, topk)``.
 
     ``model_or_name``: a ConvNeXtV2 (never modified: the predictor works on its own eval-mode copy)
-    or a name for ``models.factory.create`` (pretrained unless ``checkpoint_path`` is given).
+    or a name for ``load_classifier`` (pretrained unless ``checkpoint_path`` is given; a ``num_classes``
+    that would leave the head new and untrained is refused).
 
     Backends:
 
@@ -226,10 +302,7 @@ class Predictor:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if isinstance(model_or_name, str):
-            from ..models.factory import create
-
-            model = create(model_or_name, pretrained=checkpoint_path is None,
-                           checkpoint_path=checkpoint_path, num_classes=num_classes)
+            model = load_classifier(model_or_name, checkpoint_path=checkpoint_path, num_classes=num_classes)
             if device is None:
                 device = "cuda" if torch.cuda.is_available() else "cpu"
         elif isinstance(model_or_name, ConvNeXtV2):
@@ -281,9 +354,8 @@ class Predictor:
 
     # --- public API ---------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (float32, on the predictor's device) for an N x 3 x H x W normalised batch."""
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"expected an N x 3 x H x W batch, got shape {tuple(x.shape)}")
+        """Logits (float32, on the predictor's device) for an N x 3 x H x W normalised float batch, H and W >= 32."""
+        check_batch(x)
         if self.backend == "eager":
             return self._run_eager(x)
         if self.backend == "compile":

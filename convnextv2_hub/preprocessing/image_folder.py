@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, List, Optional, Sequence, Tuple
 
 from ..files import PathLike
-from .images import IMAGE_EXTENSIONS, open_image
+from .images import IMAGE_EXTENSIONS, is_image_name, open_image
 
 if TYPE_CHECKING:
     import torch
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 
 def _is_image(p: Path) -> bool:
-    return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+    return p.is_file() and is_image_name(p.name)
 
 
 def list_images(

@@ -119,3 +119,72 @@ def test_cli_predict_batches_no_more_than_the_images(atto_file, photos, monkeypa
     assert main(["predict"] + photos + common + ["--batch-size", "2"]) == 0
     assert sizes == [2, 2]
     assert capsys.readouterr().out.count(photos[0]) == 2
+
+
+def test_cli_predict_expands_folders_recursively_sorted_and_mixed_with_files(atto_file, photos, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "album"
+    (folder / "trip").mkdir(parents=True)
+    shutil.copy(photos[0], folder / "trip" / "b.png")
+    shutil.copy(photos[1], folder / "a.png")
+    (folder / "notes.txt").write_text("not an image, not listed")
+    code = main(["predict", photos[2], str(folder), "--model", "atto", "--checkpoint-path", str(atto_file),
+                 "--topk", "2", "--backend", "eager", "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [o["image"] for o in out] == [photos[2], str(folder / "a.png"), str(folder / "trip" / "b.png")]
+    assert all(len(o["topk"]) == 2 and o["error"] is None for o in out)
+
+
+def test_cli_predict_empty_folder_is_an_error_before_loading_weights(tmp_path, capsys):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    code = main(["predict", str(tmp_path / "empty"), "--model", "atto",
+                 "--checkpoint-path", str(tmp_path / "absent.safetensors")])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "no images" in err and "empty" in err and "absent" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_predict_reports_a_decompression_bomb_and_classifies_the_rest(atto_file, photos, bomb_png, capsys):
+    code = main(["predict", photos[0], bomb_png, photos[1], "--model", "atto", "--checkpoint-path",
+                 str(atto_file), "--topk", "2", "--backend", "eager", "--json"])
+    assert code == 1
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert [len(o["topk"]) for o in out] == [2, 0, 2]
+    assert "bomb.png" in out[1]["error"] and "exceeds the pixel limit" in out[1]["error"]
+    assert "PIL.Image.MAX_IMAGE_PIXELS" in out[1]["error"]
+    assert "1 of 3 images could not be read" in captured.err
+
+
+def test_cli_predict_refuses_a_class_count_that_means_an_untrained_head(atto_file, monkeypatch, capsys):
+    import convnextv2_hub.models.factory as factory
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("nothing may be downloaded for a refused head")
+
+    monkeypatch.setattr(factory, "download_checkpoint", no_download)
+    # atto_file holds a 1000-class head
+    code = main(["predict", "--model", "atto", "--checkpoint-path", str(atto_file), "--num-classes", "10"])
+    captured = capsys.readouterr()
+    assert code == 1 and captured.out == ""
+    assert len(captured.err.strip().splitlines()) == 1
+    assert "has a 1000-class head but the model has 10 classes" in captured.err
+    assert "new, untrained head" in captured.err and "fine-tuning" in captured.err
+    code = main(["predict", "--model", "atto", "--num-classes", "10"])  # pretrained: refused before downloading
+    captured = capsys.readouterr()
+    assert code == 1 and captured.out == ""
+    assert "atto.fcmae_ft_in1k has a 1000-class head, not 10" in captured.err
+    # The checkpoint's own class count is fine.
+    assert main(["predict", "--model", "atto", "--checkpoint-path", str(atto_file), "--num-classes", "1000",
+                 "--topk", "1", "--backend", "eager"]) == 0
+
+
+def test_cli_predict_refuses_topk_below_one_before_loading_weights(tmp_path, capsys):
+    for topk in ("0", "-3"):
+        code = main(["predict", "--model", "atto", "--checkpoint-path", str(tmp_path / "absent.safetensors"),
+                     "--topk", topk])
+        err = capsys.readouterr().err
+        assert code == 1 and "topk must be a whole number >= 1" in err and f"got {topk}" in err
+        assert "absent" not in err

@@ -123,3 +123,77 @@ def test_files_and_pil_images_of_any_mode_classify_alike(model, photos, tmp_path
     for f, i in zip(from_files, from_images):
         assert f.error is None and [label for label, _ in f.topk] == [label for label, _ in i.topk]
         assert [p for _, p in f.topk] == pytest.approx([p for _, p in i.topk], abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: refused with a message that says what to do, or reported for its file alone
+# ------------------------------------------------------------------------------------------------
+def test_decompression_bomb_is_reported_for_its_file_and_the_others_classified(model, photos, bomb_png):
+    from convnextv2_hub.preprocessing.transforms import eval_transform
+
+    files = [photos[0], bomb_png, photos[1], photos[2]]
+    small = eval_transform(SIZE)  # the model's 224 px pipeline would only make the test slower
+    p = Predictor(model, backend="eager", batch_size=2, transform=small)
+    for preds in (p.classify(files, topk=3), classify(model, files, topk=3, transform=small)):
+        assert [pr.error is None for pr in preds] == [True, False, True, True]
+        assert all(len(pr.topk) == 3 for pr in preds if pr.error is None) and preds[1].topk == []
+        assert "bomb.png" in preds[1].error and "exceeds the pixel limit" in preds[1].error
+        assert "MAX_IMAGE_PIXELS" in preds[1].error
+    with pytest.warns(UserWarning, match="bomb.png.*exceeds the pixel limit") as record:
+        got = p.predict(files, topk=3)
+    assert [len(r) for r in got] == [3, 0, 3, 3] and len(record) == 1
+
+
+def test_topk_below_one_is_refused(model, photos):
+    p = Predictor(model, backend="eager")
+    for topk in (0, -2):
+        with pytest.raises(ValueError, match=f"topk must be a whole number >= 1.*got {topk}"):
+            p.predict(photos, topk=topk)
+        with pytest.raises(ValueError, match="topk must be"):
+            classify(model, photos, topk=topk)
+    assert [len(r) for r in p.predict(photos[:1], topk=50)] == [10]  # above the class count: all of them
+
+
+@pytest.mark.parametrize("backend", ["eager", "auto"])
+def test_non_float_and_too_small_inputs_are_refused_before_any_backend_runs(model, batch, backend):
+    p = Predictor(model, backend=backend, batch_size=3)
+    as_uint8 = (batch * 50 + 120).clamp(0, 255).to(torch.uint8)
+    with pytest.raises(TypeError, match=r"got dtype torch.uint8.*checkpoint's transforms \(model.checkpoint.transforms"):
+        p(as_uint8)
+    for h, w in ((31, SIZE), (SIZE, 16)):
+        with pytest.raises(ValueError, match=f"{h} x {w} px is too small.*at least 32 x 32.*multiple of 32"):
+            p(batch[..., :h, :w])
+    assert p.active_path == "none yet"  # nothing ran
+    assert p(batch[..., :32, :40]).shape == (3, 10)  # 32 px is enough
+    # classify() checks what a custom transform makes, too
+    images = [Image.new("RGB", (64, 64))]
+    with pytest.raises(TypeError, match="create_transform"):
+        classify(model, images, transform=lambda im: torch.zeros(3, 64, 64, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="at least 32"):
+        classify(model, images, transform=lambda im: torch.zeros(3, 24, 24))
+
+
+@pytest.fixture(scope="module")
+def ten_class_file(model, tmp_path_factory):
+    from convnextv2_hub.checkpoints.io import save_checkpoint
+
+    return save_checkpoint(model, tmp_path_factory.mktemp("w10") / "atto10.safetensors")
+
+
+def test_predictor_refuses_a_new_untrained_head(ten_class_file, photos, monkeypatch):
+    import convnextv2_hub.models.factory as factory
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("nothing may be downloaded for a refused head")
+
+    monkeypatch.setattr(factory, "download_checkpoint", no_download)
+    # A pretrained name: checked against the manifest, before any download.
+    with pytest.raises(ValueError, match=r"atto.fcmae_ft_in1k has a 1000-class head, not 10: .*new, untrained head"):
+        Predictor("atto", num_classes=10)
+    with pytest.raises(ValueError, match="atto.fcmae is an encoder without a classifier head"):
+        Predictor("atto.fcmae")
+    # A local file: its head has 10 classes, the model would have 1000.
+    with pytest.raises(ValueError, match=r"has a 10-class head but the model has 1000 classes: .*fine-tuning"):
+        Predictor("atto", checkpoint_path=ten_class_file, backend="eager")
+    p = Predictor("atto", checkpoint_path=ten_class_file, num_classes=10, backend="eager")
+    assert [len(r) for r in p.predict(photos[:1], topk=3)] == [3]

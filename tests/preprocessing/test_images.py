@@ -2,18 +2,26 @@
 ``interpolation_mode`` and ``default_transform``, on real photos."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import skimage.data
 import torch
-from conftest import write_skimage_photos
+from conftest import write_bomb_png, write_skimage_photos
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
 
 from convnextv2_hub.checkpoints.registry import create_transform
 from convnextv2_hub.models.convnextv2 import convnextv2
 from convnextv2_hub.preprocessing.image_folder import ImageList, default_transform
-from convnextv2_hub.preprocessing.images import IMAGE_EXTENSIONS, open_image, sample_image_path
+from convnextv2_hub.preprocessing.images import (
+    IMAGE_EXTENSIONS,
+    ImageTooLargeError,
+    expand_image_paths,
+    open_image,
+    sample_image_path,
+)
 from convnextv2_hub.preprocessing.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -118,3 +126,52 @@ def test_export_verification_photos_are_the_sample_and_scikit_image_photos():
         left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
         assert torch.allclose(x, normalize(img.crop((left, top, left + size, top + size))), atol=1e-6)
     assert torch.equal(batches[1][0], natural[0])
+
+
+def test_open_image_refuses_decompression_bombs_naming_the_file(bomb_png, tmp_path):
+    # Above 2x MAX_IMAGE_PIXELS PIL raises DecompressionBombError; between 1x and 2x it only warns (naming
+    # no file) and decodes: both are refused here, with the file, its size and how to allow it.
+    between = write_bomb_png(tmp_path / "between.png", 10000, 10000)
+    assert Image.MAX_IMAGE_PIXELS < 10000 * 10000 < 2 * Image.MAX_IMAGE_PIXELS < 14000 * 14000
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for path, size in ((bomb_png, "196,000,000 pixels"), (between, "10000 x 10000 = 100,000,000 pixels")):
+            with pytest.raises(ImageTooLargeError) as info:
+                open_image(path)
+            message = str(info.value)
+            assert isinstance(info.value, OSError)
+            assert path in message and size in message
+            assert "exceeds the pixel limit" in message and "PIL.Image.MAX_IMAGE_PIXELS = None" in message
+    assert not [w for w in record if issubclass(w.category, Image.DecompressionBombWarning)]
+    with pytest.raises(OSError, match="between.png"):  # the training and analysis readers name it too
+        ImageList([between], [0], lambda im: im)[0]
+
+
+def test_the_pixel_limit_is_the_one_users_set(photos, monkeypatch):
+    # The camera photo (512 x 512 = 262,144 px) sits between 1x and 2x of this limit: PIL would only warn.
+    path = photos["camera"]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200_000)
+    with pytest.raises(ImageTooLargeError, match="512 x 512 = 262,144 pixels exceeds the pixel limit of 200,000"):
+        open_image(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # what the message advises for a trusted file
+    assert open_image(path).size == (512, 512)
+
+
+def test_expand_image_paths_lists_folders_recursively_and_sorted(tmp_path):
+    folder = tmp_path / "shots"
+    for name in ("b.png", "a.jpg", "sub/c.JPG", "sub/deeper/d.webp", "notes.txt", ".hidden.png", ".cache/e.png",
+                 "z.tiff"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"x")
+    loose = tmp_path / "loose.dat"  # named explicitly: kept whatever its extension
+    loose.write_bytes(b"x")
+    got = expand_image_paths([str(loose), folder])
+    assert got == [str(loose)] + [str(folder / n) for n in ("a.jpg", "b.png", "sub/c.JPG", "sub/deeper/d.webp",
+                                                            "z.tiff")]
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "readme.txt").write_text("no images here")
+    with pytest.raises(ValueError, match=r"no images \(\.jpg.*\) in folder .*empty or its sub-folders"):
+        expand_image_paths([str(loose), str(empty)])
+    with pytest.raises(FileNotFoundError, match="typo.png"):
+        expand_image_paths([str(loose), str(tmp_path / "typo.png")])
