@@ -334,7 +334,7 @@ def faulty_server(servers) -> Callable[..., tuple[LoopbackServer, FaultyResponde
         return servers(responder), responder
 
     return start
-# A tiny real image data set for the trainer (tests/train/test_run.py, tests/train/test_faults.py)
+# A tiny real image data set for the trainer (tests/train/test_run.py, tests/train/test_run_faults.py)
 # ----------------------------------------------------------------------------------------------------------
 
 
