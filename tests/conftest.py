@@ -221,7 +221,7 @@ def overfit(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Fault injection: a loopback Hub or file server that misbehaves on demand (tests/checkpoints/test_faults.py)
+# Fault injection: a loopback Hub or file server that misbehaves on demand (tests/checkpoints/test_download_faults.py)
 # ----------------------------------------------------------------------------------------------------------
 
 import struct  # noqa: E402  (imported here: this block is appended to a file others edit too)

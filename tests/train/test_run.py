@@ -1,7 +1,7 @@
 """Trainer runs on a small real image data set (scikit-learn's digits, upscaled to 32x32 RGB PNGs):
 pretrain -> fine-tune -> eval end to end, bit-exact resume after SIGKILL, 2-process DDP == 1 process.
 Atto at 32-64 px, one thread per process (the tests may share few cores). Faults (NaN, bad input, a
-full disk) are in test_faults.py."""
+full disk) are in test_run_faults.py."""
 import json
 import os
 import signal
