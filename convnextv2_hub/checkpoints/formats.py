@@ -4,7 +4,7 @@ are described in ``checkpoints.io``)."""
 from __future__ import annotations
 
 import re
-from typing import Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from torch import Tensor
 
@@ -12,6 +12,14 @@ from .reading import CheckpointError
 from ..models.variants import get_variant
 
 FORMATS = ("convnextv2_hub", "fcmae_dense", "fcmae_sparse", "timm", "hf")
+# What ``save_checkpoint`` writes: ours, or one a peer library loads with its own code.
+SAVE_FORMATS = ("ours", "timm", "hf", "authors")
+
+# transformers' ConvNextImageProcessor resizes shortest_edge / crop_pct then centre-crops below this size,
+# and warps straight to (size, size) at and above it: the only two pipelines an HF folder can describe.
+HF_WARP_FROM = 384
+# PIL's resampling filters by number (``PIL.Image.Resampling``), which HF's ``resample`` key holds.
+_PIL_RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 
 _CONV_MLP_VARIANTS = ("atto", "femto", "pico", "nano")  # timm builds these with 1x1-conv MLPs
 
@@ -278,7 +286,83 @@ def to_authors_sparse(sd_ours: Mapping[str, Tensor]) -> Dict[str, Tensor]:
     return out
 
 
+# ------------------------------------------------------------------------------------------------
+# HF transformers folder: config.json and preprocessor_config.json
+# ------------------------------------------------------------------------------------------------
+def hf_model_config(
+    depths: Sequence[int],
+    dims: Sequence[int],
+    label_names: Optional[List[str]],
+    in_chans: int = 3,
+    image_size: int = 224,
+) -> Dict[str, Any]:
+    """``config.json`` of a transformers ConvNeXt V2: ``ConvNextV2ForImageClassification`` with
+    ``label_names``' classes, or the headless ``ConvNextV2Model`` when ``label_names`` is None.
+
+    ``layer_norm_eps`` is 1e-6, every LayerNorm of ours: HF's default 1e-12 would change the outputs.
+    """
+    cfg: Dict[str, Any] = {
+        "architectures": ["ConvNextV2ForImageClassification" if label_names is not None else "ConvNextV2Model"],
+        "model_type": "convnextv2",
+        "depths": [int(d) for d in depths],
+        "hidden_sizes": [int(d) for d in dims],
+        "num_stages": len(depths),
+        "num_channels": int(in_chans),
+        "patch_size": 4,
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-6,
+        "drop_path_rate": 0.0,
+        "initializer_range": 0.02,
+        "image_size": int(image_size),
+        "dtype": "float32",
+    }
+    if label_names is not None:
+        cfg["id2label"] = {str(i): name for i, name in enumerate(label_names)}
+        # ImageNet repeats a few names ("crane", "maillot"): the first index wins, as in HF's own configs.
+        label2id: Dict[str, int] = {}
+        for i, name in enumerate(label_names):
+            label2id.setdefault(name, i)
+        cfg["label2id"] = label2id
+    return cfg
+
+
+def hf_preprocessor_config(
+    resolution: int,
+    crop_pct: float,
+    crop_mode: str,
+    interpolation: str,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> Dict[str, Any]:
+    """``preprocessor_config.json`` for transformers' ``ConvNextImageProcessor`` doing what our
+    ``eval_transform`` does with the same settings. Raises ValueError for a pipeline it cannot express:
+    below ``HF_WARP_FROM`` it always centre-crops, at and above it always warps without a crop."""
+    if crop_mode == "center" and resolution >= HF_WARP_FROM:
+        raise ValueError(
+            f"HF's ConvNextImageProcessor cannot centre-crop at {resolution} px (it warps to the square from "
+            f"{HF_WARP_FROM} px on), so this checkpoint's preprocessing (crop_mode 'center') has no HF equivalent")
+    if crop_mode == "squash" and (resolution < HF_WARP_FROM or crop_pct != 1.0):
+        raise ValueError(
+            f"HF's ConvNextImageProcessor warps without a crop only from {HF_WARP_FROM} px on, so this checkpoint's "
+            f"preprocessing (crop_mode 'squash', {resolution} px, crop_pct {crop_pct}) has no HF equivalent")
+    if interpolation.lower() not in _PIL_RESAMPLE:
+        raise ValueError(f"interpolation {interpolation!r} has no PIL filter number for HF's 'resample'; "
+                         f"expected one of {sorted(_PIL_RESAMPLE)}")
+    return {
+        "image_processor_type": "ConvNextImageProcessor",
+        "do_resize": True,
+        "size": {"shortest_edge": int(resolution)},
+        "crop_pct": float(crop_pct),
+        "resample": _PIL_RESAMPLE[interpolation.lower()],
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [float(x) for x in mean],
+        "image_std": [float(x) for x in std],
+    }
+
+
 __all__ = [
-    "FORMATS", "detect_format", "split_fcmae_sparse", "to_authors_sparse", "to_hf",
+    "FORMATS", "HF_WARP_FROM", "SAVE_FORMATS", "detect_format", "hf_model_config", "hf_preprocessor_config", "split_fcmae_sparse", "to_authors_sparse", "to_hf",
     "to_ours", "to_timm",
 ]

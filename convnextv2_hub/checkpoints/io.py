@@ -24,23 +24,40 @@ Loading never silently skips a tensor: the authors' fine-tuning loader leaves GR
 (the identity) when shapes differ; here every GRN tensor is reshaped to (1, 1, 1, C) or the load fails.
 
 The code: ``checkpoints.reading`` reads files safely, ``checkpoints.formats`` recognises and converts
-layouts, and this module loads into a model and saves ours (re-exporting the converters of ``formats``).
+layouts, and this module loads into a model and saves it (re-exporting the converters of ``formats``):
+``save_checkpoint(format=...)`` writes ours, or a file the peers' own loaders read (timm's safetensors,
+an HF ``from_pretrained`` folder, the authors' ``{'model': sd}`` ``.pt``).
 """
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import re
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
 import safetensors.torch
 import torch
 from torch import Tensor
 
-from ..files import PathLike, atomic_path
+from ..files import PathLike, atomic_path, atomic_torch_save, temp_path
 # Reading and layout conversion are part of this module's public API (``__all__``): re-exported here.
-from .formats import FORMATS, detect_format, split_fcmae_sparse, to_authors_sparse, to_hf, to_ours, to_timm
+from .formats import (
+    FORMATS,
+    SAVE_FORMATS,
+    detect_format,
+    hf_model_config,
+    hf_preprocessor_config,
+    split_fcmae_sparse,
+    to_authors_sparse,
+    to_hf,
+    to_ours,
+    to_timm,
+)
 from .reading import (
     MAX_LISTED,
     CheckpointError,
@@ -51,7 +68,8 @@ from .reading import (
     read_state_dict,
 )
 from ..models.convnextv2 import ConvNeXtV2
-from ..models.variants import VARIANTS
+from .registry import Checkpoint, get_checkpoint, label_names
+from ..models.variants import VARIANTS, variant_of
 
 
 @dataclass
@@ -208,18 +226,65 @@ def _mismatch_message(model, ckpt, target, where, fmt, missing, unexpected, mism
 # ------------------------------------------------------------------------------------------------
 # Saving
 # ------------------------------------------------------------------------------------------------
-def save_checkpoint(model: ConvNeXtV2, path: PathLike, metadata: Optional[Dict[str, str]] = None) -> Path:
-    """Write ``model``'s state dict to a safetensors file, atomically, and return its path.
+def save_checkpoint(
+    model: torch.nn.Module,
+    path: PathLike,
+    metadata: Optional[Dict[str, str]] = None,
+    *,
+    format: str = "ours",
+    overwrite: Optional[bool] = None,
+) -> Path:
+    """Write ``model``'s weights in one of ``SAVE_FORMATS``, atomically, and return the path.
 
-    Metadata: ``format='convnextv2_hub'``, ``variant``, ``tag`` (when ``model.checkpoint.tag`` exists),
-    ``num_classes`` (0 without a head), then the user's entries (which may not change ``format``).
+    * ``"ours"``: a safetensors file, described by its metadata (below).
+    * ``"timm"``: a safetensors file for ``timm.create_model("convnextv2_<variant>", pretrained=True,
+      pretrained_cfg_overlay=dict(file=path, num_classes=N), num_classes=N)`` (``timm_load_hint``).
+    * ``"hf"``: a folder for transformers' ``from_pretrained``: ``config.json`` (sizes, labels),
+      ``model.safetensors`` and ``preprocessor_config.json`` (the checkpoint's own preprocessing).
+      Written into a temporary folder beside ``path`` and renamed into place when complete.
+    * ``"authors"``: a ``{"model": state_dict}`` ``.pt`` file, the layout of the authors' releases.
+
+    ``overwrite``: replace an existing ``path``; by default only ``"ours"`` replaces (a trainer rewrites
+    its checkpoint every epoch), the peer formats refuse. A format that cannot hold the model (an FCMAE
+    decoder, a ``features_only`` model for timm/HF, sizes timm has no name for) raises ValueError.
+
+    Metadata of ``"ours"``: ``format='convnextv2_hub'``, ``variant``, ``tag`` (when
+    ``model.checkpoint.tag`` exists), ``num_classes`` (0 without a head), then the user's entries (which
+    may not change ``format``). The peer formats take no metadata: their loaders would not read it.
     The file is written to a temporary name in the same folder, fsynced and renamed over ``path``,
     so ``path`` is either the old file or the complete new one; the temporary file never remains.
     """
+    if format not in SAVE_FORMATS:
+        raise ValueError(f"unknown checkpoint format {format!r}; choose one of {list(SAVE_FORMATS)}")
     path = Path(path)
+    _check_target(path, format == "ours" if overwrite is None else overwrite)
+    if format == "ours":
+        return _save_ours(model, path, metadata)
+    if metadata:
+        raise ValueError(f"metadata is written to format 'ours' only; a {format} file has no place its loader reads it")
+    _check_writable(model, format)
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if format == "timm":
+        tensors = to_timm(sd, _variant_name(model, format))
+        with atomic_path(path) as tmp:
+            safetensors.torch.save_file(tensors, str(tmp), metadata={"format": "pt"})
+    elif format == "authors":
+        atomic_torch_save(path, {"model": sd})
+    else:
+        _save_hf_folder(model, sd, path)
+    return path
+
+
+def _check_target(path: Path, overwrite: bool) -> None:
     parent = path.parent
     if not parent.is_dir():
         raise CheckpointNotFoundError(f"cannot save to {str(path)!r}: folder {str(parent)!r} does not exist; create it first")
+    if not overwrite and (path.exists() or path.is_symlink()):
+        raise FileExistsError(f"{str(path)!r} already exists; pass overwrite=True (convnextv2 convert: --overwrite) "
+                              "to replace it")
+
+
+def _save_ours(model: torch.nn.Module, path: Path, metadata: Optional[Dict[str, str]]) -> Path:
     meta: Dict[str, str] = {"format": "convnextv2_hub"}
     variant = getattr(model, "variant", None)
     if variant:
@@ -242,17 +307,108 @@ def save_checkpoint(model: ConvNeXtV2, path: PathLike, metadata: Optional[Dict[s
     return path
 
 
+def _check_writable(model: torch.nn.Module, fmt: str) -> None:
+    """Refuse, saying what and why, a model the peer format ``fmt`` cannot hold."""
+    if not isinstance(model, ConvNeXtV2):
+        if hasattr(model, "encoder") and hasattr(model, "decoder"):
+            raise ValueError(
+                f"an FCMAE model cannot be saved as {fmt}: its decoder, projection and mask token exist only in "
+                f"our format (format='ours' keeps them). The {fmt} format holds the encoder: save model.encoder")
+        raise TypeError(f"save_checkpoint writes a ConvNeXtV2, got {type(model).__name__}")
+    if model.features_only and fmt in ("timm", "hf"):
+        raise ValueError(
+            f"a features_only model has no final LayerNorm, which every {fmt} ConvNeXt V2 has: create the model "
+            f"without features_only (the same weights) and save that; {fmt} gives the stage maps itself "
+            "(timm: features_only=True, transformers: output_hidden_states=True)")
+
+
+def _variant_name(model: ConvNeXtV2, fmt: str) -> str:
+    name = getattr(model, "variant", None) or variant_of(model.depths, model.dims)
+    if name is None:
+        raise ValueError(
+            f"{fmt} builds ConvNeXt V2 only in its named sizes (atto ... huge) and this model's (depths "
+            f"{list(model.depths)}, dims {list(model.dims)}) is none of them; format 'hf' or 'authors' holds any size")
+    return name
+
+
+def preprocessing_of(model: torch.nn.Module) -> Checkpoint:
+    """The checkpoint entry whose preprocessing ``model`` expects: ``model.checkpoint``, else its
+    variant's default checkpoint (what ``create`` attaches), else the 224-px default ``atto`` entry's."""
+    ckpt = getattr(model, "checkpoint", None)
+    if ckpt is not None:
+        return ckpt
+    name = getattr(model, "variant", None) or variant_of(getattr(model, "depths", ()), getattr(model, "dims", ()))
+    return get_checkpoint(name or "atto")
+
+
+def _save_hf_folder(model: ConvNeXtV2, sd: Dict[str, Tensor], path: Path) -> None:
+    ck = preprocessing_of(model)
+    # Built before anything is written: a preprocessing HF cannot express refuses the save, not half of it.
+    processor = hf_preprocessor_config(ck.resolution, ck.crop_pct, ck.crop_mode, ck.interpolation, ck.mean, ck.std)
+    has_head = isinstance(model.head, torch.nn.Linear)
+    in_chans = int(sd["downsample_layers.0.0.weight"].shape[1])
+    config = hf_model_config(model.depths, model.dims, label_names(model) if has_head else None, in_chans,
+                             ck.resolution)
+    tensors = to_hf(sd)
+    if not has_head:  # ConvNextV2Model's own keys, as its save_pretrained writes them
+        tensors = {k[len("convnextv2."):] if k.startswith("convnextv2.") else k: v for k, v in tensors.items()}
+    with _atomic_folder(path) as tmp:
+        safetensors.torch.save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        for name, obj in (("config.json", config), ("preprocessor_config.json", processor)):
+            (tmp / name).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+
+@contextlib.contextmanager
+def _atomic_folder(path: Path) -> Iterator[Path]:
+    """Yield a new empty folder beside ``path``; when the block succeeds, its files are fsynced and it is
+    renamed to ``path`` (replacing what was there), so ``path`` is never a half-written folder. On error
+    the temporary folder is removed and ``path`` left as it was."""
+    tmp = temp_path(path)
+    tmp.mkdir()
+    old: Optional[Path] = None
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if path.exists() or path.is_symlink():
+            # A folder cannot be renamed over a non-empty one: move the old aside first, remove it after.
+            old = temp_path(path)
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not path.exists():
+            os.replace(old, path)  # the rename into place failed: put the old one back
+        raise
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
+
+
+def timm_load_hint(path: PathLike, variant: str, num_classes: int) -> str:
+    """The timm call that loads a ``format='timm'`` file with its head. ``num_classes`` goes into the
+    overlay too: timm drops a file's classifier whose size differs from its default config's (1000)."""
+    return (f"timm.create_model('convnextv2_{variant}', pretrained=True, "
+            f"pretrained_cfg_overlay=dict(file={str(path)!r}, num_classes={num_classes}), num_classes={num_classes})")
+
+
 __all__ = [
     "CheckpointError",
     "CheckpointNotFoundError",
     "FORMATS",
     "LoadReport",
+    "SAVE_FORMATS",
     "detect_format",
     "load_checkpoint",
+    "preprocessing_of",
     "read_metadata",
     "read_state_dict",
     "save_checkpoint",
     "split_fcmae_sparse",
+    "timm_load_hint",
     "to_authors_sparse",
     "to_hf",
     "to_ours",
