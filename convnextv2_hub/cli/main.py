@@ -1,4 +1,5 @@
-"""The ``convnextv2`` command: list / info / predict, and the subcommands of ``cli.analyze`` and ``cli.fcmae_show``.
+"""The ``convnextv2`` command: list / info / predict, and the subcommands of ``cli.analyze``, ``cli.fcmae_show``
+and ``cli.convert``.
 
 Every subcommand imports what it runs when it runs, so ``convnextv2 --help`` answers without loading torch.
 """
@@ -11,6 +12,7 @@ from typing import List, Optional
 
 from ..preprocessing.images import SAMPLE_IMAGE, sample_image_path  # noqa: F401  (the photo predict classifies by default)
 from .analyze import add_analyze_parser
+from .convert import add_convert_parser
 from .fcmae_show import add_fcmae_show_parser
 
 
@@ -114,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_predict)
     add_analyze_parser(sub)
     add_fcmae_show_parser(sub)
+    add_convert_parser(sub)
     return parser
 
 
