@@ -209,6 +209,7 @@ def train(run: Run) -> Dict[str, Any]:
     env = init_distributed(run.device)
     out = Path(run.output_dir or "runs/" + run.mode)
     try:
+        _refuse_earlier_run(run, env, out)
         s = _setup(run, env, out)
         data = _build_data(s)
         model = _build_model(s, data)
@@ -232,6 +233,26 @@ def train(run: Run) -> Dict[str, Any]:
                 "weights": str(out / WEIGHTS_FILE), "state": str(out / STATE_FILE)}
     finally:
         shutdown(env)
+
+
+RUN_FILES = (STATE_FILE, WEIGHTS_FILE, EMA_WEIGHTS_FILE)
+# What an earlier run leaves that describes it, not the new one: removed when ``--overwrite`` starts
+# over (``log.jsonl`` is appended to, so it would mix the two runs).
+STALE_WITH_OVERWRITE = ("log.jsonl", "eval.json")
+
+
+def _refuse_earlier_run(run: Run, env: DistEnv, out: Path) -> None:
+    """Stop, before anything is read or written, when ``out`` holds an earlier run's checkpoint and
+    neither ``--resume`` nor ``--overwrite`` says what to do with it: a restart that forgot
+    ``--resume auto`` would otherwise train from scratch over the earlier run's checkpoints. Rank 0
+    looks and every process stops with it."""
+    if run.resume or run.overwrite:
+        return
+    found = [name for name in RUN_FILES if (out / name).is_file()] if env.is_main else []
+    if all_sum([float(len(found))], env)[0]:
+        where = ", ".join(found) if found else ", ".join(RUN_FILES)
+        raise TrainingInputError(f"{out} already holds a run ({where}): use --resume auto to continue it, "
+                                 "or --overwrite to start over in it (or choose another --output)")
 
 
 def _setup(run: Run, env: DistEnv, out: Path) -> _Setup:
@@ -377,9 +398,13 @@ def _resume(s: _Setup, data: _Data, model: _Model) -> _Progress:
 
 
 def _make_output(s: _Setup) -> None:
-    """The output folder (rank 0; the others wait for it)."""
+    """The output folder (rank 0; the others wait for it); with ``--overwrite``, without the earlier
+    run's log and evaluation."""
     if s.env.is_main:
         s.out.mkdir(parents=True, exist_ok=True)
+        if s.run.overwrite:
+            for name in STALE_WITH_OVERWRITE:
+                (s.out / name).unlink(missing_ok=True)
     barrier(s.env)
 
 
