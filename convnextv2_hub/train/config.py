@@ -72,7 +72,7 @@ KEYS: Dict[str, Tuple[Any, str, str]] = {
     "compile": (False, "bool", "torch.compile the model [ours]"),
     "channels_last": (False, "bool", "channels_last memory format [ours]"),
     "grad_checkpointing": (False, "bool", "recompute blocks in backward to save memory [ours]"),
-    "num_workers": (None, "int?", "data loader workers per process; null: min(8, CPUs per process)"),
+    "num_workers": (None, "int?", "data loader workers per process; null: this node's CPUs (this process's affinity) / LOCAL_WORLD_SIZE - 1, at most 8, at least 0; workers persist across epochs"),
     "pin_mem": (True, "bool", "pinned host memory for GPU copies"),
     "save_ckpt_freq": (1, "int", "save the training state every N epochs (and at the end)"),
     "save_ckpt_steps": (0, "int", "also save it every N optimiser steps (0: off) [ours]"),

@@ -59,13 +59,13 @@ from .data import (
     MixupCutmix,
     TrainSampler,
     build_dataset,
-    collate,
     default_num_workers,
     eval_preprocessing,
     eval_transform,
     fcmae_train_transform,
     find_split,
     finetune_train_transform,
+    make_loader,
 )
 from .distributed import DistEnv, all_sum, barrier, init_distributed, shutdown
 from .ema import ModelEma
@@ -314,8 +314,6 @@ def _check_classes(train_loc: Path, train_ds: Any) -> None:
 
 def _build_data(s: _Setup) -> _Data:
     """Datasets, the resumable training sampler and loader (its own seeded generator), the eval loader."""
-    from torch.utils.data import DataLoader
-
     cfg, env = s.cfg, s.env
     train_ds, val_ds, num_classes = _datasets(s)
     bs = cfg["batch_size"]
@@ -326,13 +324,11 @@ def _build_data(s: _Setup) -> _Data:
             f"{len(train_ds)} images are fewer than one optimiser step needs "
             f"(batch_size {bs} x update_freq {s.update_freq} x {env.world_size} processes)"
         )
-    num_workers = cfg["num_workers"] if cfg["num_workers"] is not None else default_num_workers(env.world_size)
+    num_workers = cfg["num_workers"] if cfg["num_workers"] is not None else default_num_workers()
     loader_gen = torch.Generator()
     loader_gen.manual_seed(cfg["seed"] + env.rank)
-    loader = DataLoader(
-        train_ds, batch_size=bs, sampler=sampler, num_workers=num_workers, collate_fn=collate, drop_last=True,
-        pin_memory=cfg["pin_mem"] and env.device.type == "cuda", generator=loader_gen,
-    )
+    loader = make_loader(train_ds, bs, sampler, num_workers, cfg["pin_mem"] and env.device.type == "cuda", loader_gen,
+                         drop_last=True)
     val_loader, val_shard = eval_loader(val_ds, cfg, env, num_workers) if val_ds is not None else (None, False)
     return _Data(train_ds, sampler, loader, loader_gen, val_loader, val_shard, num_classes, bs,
                  micro_per_epoch, micro_per_epoch // s.update_freq)
