@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..files import atomic_write_json
+from . import config as C
 from .data import ShardSampler, build_dataset, default_num_workers, eval_preprocessing, eval_transform, find_split, make_loader
 from .distributed import DistEnv, all_sum, init_distributed, shutdown
 from .run import Run, TrainingInputError
@@ -77,8 +78,8 @@ def run_eval(run: Run) -> Dict[str, Any]:
     """The ``eval`` command: top-1/top-5 of released (``--pretrained``) or own (``--init``) weights."""
     from ..models.factory import create
 
-    cfg = run.cfg
     env = init_distributed(run.device)
+    cfg = C.device_defaults(run.cfg, env.device.type)
     try:
         loc = find_split(run.data_path, "val", fallback_to_root=True)
         if loc is None:
