@@ -32,6 +32,10 @@ def _add_common(p: argparse.ArgumentParser, mode: str) -> None:
         p.add_argument("--recipe", default=C.DEFAULT_RECIPE[mode],
                        help=f"recipe name ({', '.join(r for r in C.list_recipes())}) or a .json path; default {C.DEFAULT_RECIPE[mode]}")
         p.add_argument("--resume", default=None, help="'auto': continue from <output>/checkpoint-last.pt if there is one; or a path")
+        p.add_argument("--overwrite", action="store_true",
+                       help="start over in an output folder that holds an earlier run (its log.jsonl and eval.json are "
+                            "removed when training starts, its checkpoints replaced at the first save); without it, "
+                            "such a folder is refused")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (authors' argument names; 'convnextv2-train keys' lists them); repeatable")
     p.add_argument("--init", default=None, help={
@@ -69,6 +73,8 @@ def _resolve(args: argparse.Namespace):
         if flag is not None:
             overrides[key] = flag
     mode = args.command
+    if getattr(args, "overwrite", False) and getattr(args, "resume", None):
+        raise C.ConfigError("--overwrite starts over and --resume continues: give one of them")
     base = {}
     if mode == "eval":
         # Evaluate at the checkpoint's own resolution unless told otherwise.
@@ -132,7 +138,7 @@ def _run(args: argparse.Namespace, cfg: Dict[str, Any], notes: Dict[str, str]) -
     run = Run(
         mode=args.command, model=args.model, data_path=args.data, output_dir=args.output, cfg=cfg,
         init=args.init, pretrained=getattr(args, "pretrained", False), resume=getattr(args, "resume", None),
-        device=args.device, recipe=getattr(args, "recipe", None), notes=notes,
+        overwrite=getattr(args, "overwrite", False), device=args.device, recipe=getattr(args, "recipe", None), notes=notes,
     )
     if run.mode == "eval":
         res = run_eval(run)

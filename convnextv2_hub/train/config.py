@@ -70,16 +70,23 @@ KEYS: Dict[str, Tuple[Any, str, str]] = {
     "use_amp": (False, "bool", "autocast mixed precision"),
     "amp_dtype": ("bfloat16", "str", "'bfloat16' (no scaler) or 'float16' (with GradScaler) [ours]"),
     "compile": (False, "bool", "torch.compile the model [ours]"),
-    "channels_last": (False, "bool", "channels_last memory format [ours]"),
+    "channels_last": (None, "bool?", "channels_last memory format (cuDNN's fast depthwise kernels); null: on for CUDA devices, off elsewhere [ours]"),
+    "tf32": (None, "bool?", "float32 matmuls and cuDNN convolutions in TF32 on CUDA (the log says so for a float32 recipe); null: on for CUDA devices [ours]"),
+    "cudnn_benchmark": (None, "bool?", "cuDNN picks the fastest convolution algorithms for the run's shapes; null: on for CUDA devices [ours]"),
+    "fused_adamw": (None, "bool?", "fused AdamW kernel (torch.optim.AdamW(fused=True)); null: on for CUDA devices [ours]"),
     "grad_checkpointing": (False, "bool", "recompute blocks in backward to save memory [ours]"),
-    "num_workers": (None, "int?", "data loader workers per process; null: min(8, CPUs per process)"),
+    "num_workers": (None, "int?", "data loader workers per process; null: this node's CPUs (this process's affinity) / LOCAL_WORLD_SIZE - 1, at most 8, at least 0; workers persist across epochs"),
     "pin_mem": (True, "bool", "pinned host memory for GPU copies"),
     "save_ckpt_freq": (1, "int", "save the training state every N epochs (and at the end)"),
     "save_ckpt_steps": (0, "int", "also save it every N optimiser steps (0: off) [ours]"),
-    "log_interval": (20, "int", "optimiser steps between log.jsonl step lines [ours]"),
+    "log_interval": (20, "int", "optimiser steps between log.jsonl step lines; the losses stay on the device in between and are read back (and checked to be finite) then, and before every save [ours]"),
     "dist_eval": (True, "bool", "shard evaluation over processes (exact counts, no padding)"),
     "tensorboard": (True, "bool", "write TensorBoard events when tensorboard is installed [ours]"),
 }
+
+# Keys whose null means "the device's best": on for CUDA devices, off elsewhere (on CPUs, today's
+# float32 numerics and memory layout stay as they were). ``device_defaults`` fills them in.
+DEVICE_KEYS = ("channels_last", "tf32", "cudnn_benchmark", "fused_adamw")
 
 # Keys that come from command-line flags, not from recipes or --set.
 FLAG_KEYS = ("model", "data_path", "output_dir", "finetune", "pretrained", "resume", "device", "recipe")
@@ -100,6 +107,16 @@ class ConfigError(ValueError):
 
 def defaults() -> Dict[str, Any]:
     return {k: v[0] for k, v in KEYS.items()}
+
+
+def device_defaults(cfg: Mapping[str, Any], device_type: str) -> Dict[str, Any]:
+    """``cfg`` with the null ``DEVICE_KEYS`` resolved for a device of type ``device_type`` ("cuda",
+    "cpu", ...): true on CUDA, false elsewhere; values set by a recipe or ``--set`` are kept."""
+    out = dict(cfg)
+    for k in DEVICE_KEYS:
+        if out.get(k) is None:
+            out[k] = device_type == "cuda"
+    return out
 
 
 def known_keys_text() -> str:

@@ -12,6 +12,7 @@ batch (workers are separate processes) and is reported per epoch.
 """
 from __future__ import annotations
 
+import os
 import random
 import warnings
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Uni
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
 from ..preprocessing.images import IMAGE_EXTENSIONS, open_image
@@ -373,11 +374,41 @@ class MixupCutmix:
         return images, target
 
 
-def default_num_workers(world_size: int) -> int:
-    import os
+# A ceiling on the default: every worker is a process with its own copy of the sample list and
+# transforms, and past a handful of workers per GPU the CPUs are better left to the other processes.
+MAX_DEFAULT_WORKERS = 8
 
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, cpus // max(1, world_size) - 1))
+
+def process_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: what a container, cgroup or taskset
+    allows), or every CPU where the platform cannot say."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def local_world_size() -> int:
+    """Training processes on this node: torchrun's ``LOCAL_WORLD_SIZE``, 1 without torchrun."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def default_num_workers(local_processes: Optional[int] = None) -> int:
+    """Loader workers per process when ``num_workers`` is null: this node's CPUs shared by this node's
+    processes, one CPU each left to the process itself, at most ``MAX_DEFAULT_WORKERS``. Per node, not
+    per global world size: the workers of other nodes use other CPUs. The local processes are assumed
+    to share this process's CPUs (torchrun's way); a launcher that binds each process to CPUs of its
+    own makes this too small, and ``num_workers`` is then the key to set."""
+    local = local_processes if local_processes is not None else local_world_size()
+    return max(0, min(MAX_DEFAULT_WORKERS, process_cpus() // max(1, local) - 1))
+
+
+def make_loader(ds: Dataset, batch_size: int, sampler: Sampler, num_workers: int, pin_memory: bool,
+                generator: torch.Generator, drop_last: bool = False) -> DataLoader:
+    """A DataLoader with ``collate``; its workers persist across epochs (starting them again each epoch,
+    each re-importing torch and re-opening the data set, would stall every epoch's first steps)."""
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
+                      drop_last=drop_last, pin_memory=pin_memory, generator=generator,
+                      persistent_workers=num_workers > 0)
 
 
 def collate(batch: List[Tuple[torch.Tensor, int, int]]) -> Tuple[torch.Tensor, torch.Tensor, int]:
@@ -392,6 +423,8 @@ __all__ = [
     "ShardSampler",
     "TrainSampler",
     "build_dataset",
+    "default_num_workers",
+    "make_loader",
     "eval_preprocessing",
     "eval_transform",
     "fcmae_train_transform",

@@ -59,13 +59,13 @@ from .data import (
     MixupCutmix,
     TrainSampler,
     build_dataset,
-    collate,
     default_num_workers,
     eval_preprocessing,
     eval_transform,
     fcmae_train_transform,
     find_split,
     finetune_train_transform,
+    make_loader,
 )
 from .distributed import DistEnv, all_sum, barrier, init_distributed, shutdown
 from .ema import ModelEma
@@ -193,12 +193,16 @@ class _Progress:
 
 @dataclass
 class _LogWindow:
-    """Loss and images since the last step line of ``log.jsonl``."""
+    """Loss and images since the last step line of ``log.jsonl``. The micro-steps' losses wait on the
+    device (``pending``, with their (micro-step, optimiser step)) until ``_read_losses``: reading each
+    one back would make the host wait for the device at every micro-step."""
 
     start: float = field(default_factory=time.perf_counter)
     images: int = 0
     loss: float = 0.0
     n: int = 0
+    pending: List[torch.Tensor] = field(default_factory=list)
+    where: List[Tuple[int, int]] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -209,6 +213,7 @@ def train(run: Run) -> Dict[str, Any]:
     env = init_distributed(run.device)
     out = Path(run.output_dir or "runs/" + run.mode)
     try:
+        _refuse_earlier_run(run, env, out)
         s = _setup(run, env, out)
         data = _build_data(s)
         model = _build_model(s, data)
@@ -234,10 +239,31 @@ def train(run: Run) -> Dict[str, Any]:
         shutdown(env)
 
 
+RUN_FILES = (STATE_FILE, WEIGHTS_FILE, EMA_WEIGHTS_FILE)
+# What an earlier run leaves that describes it, not the new one: removed when ``--overwrite`` starts
+# over (``log.jsonl`` is appended to, so it would mix the two runs).
+STALE_WITH_OVERWRITE = ("log.jsonl", "eval.json")
+
+
+def _refuse_earlier_run(run: Run, env: DistEnv, out: Path) -> None:
+    """Stop, before anything is read or written, when ``out`` holds an earlier run's checkpoint and
+    neither ``--resume`` nor ``--overwrite`` says what to do with it: a restart that forgot
+    ``--resume auto`` would otherwise train from scratch over the earlier run's checkpoints. Rank 0
+    looks and every process stops with it."""
+    if run.resume or run.overwrite:
+        return
+    found = [name for name in RUN_FILES if (out / name).is_file()] if env.is_main else []
+    if all_sum([float(len(found))], env)[0]:
+        where = ", ".join(found) if found else ", ".join(RUN_FILES)
+        raise TrainingInputError(f"{out} already holds a run ({where}): use --resume auto to continue it, "
+                                 "or --overwrite to start over in it (or choose another --output)")
+
+
 def _setup(run: Run, env: DistEnv, out: Path) -> _Setup:
     """The log, the seeds, the effective batch and the lr (the output folder is made later, by ``_make_output``)."""
-    cfg = run.cfg
+    cfg = C.device_defaults(run.cfg, env.device.type)
     logger = Logger(out, env, cfg["tensorboard"])
+    set_backends(cfg, env, logger)
     seed_all(cfg["seed"] + env.rank)
     update_freq, eff_batch = C.effective_batch(cfg, env.world_size)
     lr = absolute_lr(cfg, eff_batch)
@@ -247,6 +273,20 @@ def _setup(run: Run, env: DistEnv, out: Path) -> _Setup:
         logger.info(f"note: effective batch {eff_batch} differs from the recipe's {cfg['eff_batch_size']}; "
                     f"lr = blr * {eff_batch} / 256 = {lr:.3g}")
     return _Setup(run, cfg, env, out, logger, update_freq, eff_batch, lr, dict(cfg, update_freq=update_freq, lr=lr))
+
+
+def set_backends(cfg: Dict[str, Any], env: DistEnv, logger: Logger) -> None:
+    """TF32 and cuDNN's algorithm search on CUDA devices, as ``tf32`` / ``cudnn_benchmark`` say (other
+    devices have neither). TF32 keeps float32's range with a 10-bit mantissa in matmuls and
+    convolutions: said in the log when the recipe is otherwise float32, so the choice is visible."""
+    if env.device.type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = cfg["tf32"]
+    torch.backends.cudnn.allow_tf32 = cfg["tf32"]
+    torch.backends.cudnn.benchmark = cfg["cudnn_benchmark"]
+    if cfg["tf32"] and amp_dtype(cfg) is None:
+        logger.info("note: a float32 recipe (use_amp=false) with TF32 matmuls and convolutions on this GPU "
+                    "(tf32=true); --set tf32=false for full float32")
 
 
 def _datasets(s: _Setup) -> Tuple[Any, Any, int]:
@@ -293,8 +333,6 @@ def _check_classes(train_loc: Path, train_ds: Any) -> None:
 
 def _build_data(s: _Setup) -> _Data:
     """Datasets, the resumable training sampler and loader (its own seeded generator), the eval loader."""
-    from torch.utils.data import DataLoader
-
     cfg, env = s.cfg, s.env
     train_ds, val_ds, num_classes = _datasets(s)
     bs = cfg["batch_size"]
@@ -305,13 +343,11 @@ def _build_data(s: _Setup) -> _Data:
             f"{len(train_ds)} images are fewer than one optimiser step needs "
             f"(batch_size {bs} x update_freq {s.update_freq} x {env.world_size} processes)"
         )
-    num_workers = cfg["num_workers"] if cfg["num_workers"] is not None else default_num_workers(env.world_size)
+    num_workers = cfg["num_workers"] if cfg["num_workers"] is not None else default_num_workers()
     loader_gen = torch.Generator()
     loader_gen.manual_seed(cfg["seed"] + env.rank)
-    loader = DataLoader(
-        train_ds, batch_size=bs, sampler=sampler, num_workers=num_workers, collate_fn=collate, drop_last=True,
-        pin_memory=cfg["pin_mem"] and env.device.type == "cuda", generator=loader_gen,
-    )
+    loader = make_loader(train_ds, bs, sampler, num_workers, cfg["pin_mem"] and env.device.type == "cuda", loader_gen,
+                         drop_last=True)
     val_loader, val_shard = eval_loader(val_ds, cfg, env, num_workers) if val_ds is not None else (None, False)
     return _Data(train_ds, sampler, loader, loader_gen, val_loader, val_shard, num_classes, bs,
                  micro_per_epoch, micro_per_epoch // s.update_freq)
@@ -377,9 +413,13 @@ def _resume(s: _Setup, data: _Data, model: _Model) -> _Progress:
 
 
 def _make_output(s: _Setup) -> None:
-    """The output folder (rank 0; the others wait for it)."""
+    """The output folder (rank 0; the others wait for it); with ``--overwrite``, without the earlier
+    run's log and evaluation."""
     if s.env.is_main:
         s.out.mkdir(parents=True, exist_ok=True)
+        if s.run.overwrite:
+            for name in STALE_WITH_OVERWRITE:
+                (s.out / name).unlink(missing_ok=True)
     barrier(s.env)
 
 
@@ -415,7 +455,8 @@ def _wrap_model(s: _Setup, data: _Data, model: _Model) -> None:
 def _train_epoch(s: _Setup, data: _Data, model: _Model, progress: _Progress, epoch: int, first: int) -> None:
     """Micro-steps ``first`` .. the end of ``epoch``: forward/backward, an optimiser step every
     ``update_freq``, step lines, the ``save_ckpt_steps`` checkpoints. A non-finite loss stops the run
-    (with DDP: at the next optimiser step, on every process together)."""
+    when the losses are read back (every ``log_interval`` steps, before a save, at the epoch's end),
+    on every process together."""
     cfg, env = s.cfg, s.env
     if first == 0:
         progress.sums = _zero_sums()
@@ -424,7 +465,6 @@ def _train_epoch(s: _Setup, data: _Data, model: _Model, progress: _Progress, epo
     gen_at_epoch_start = data.loader_gen.get_state()
     window = _LogWindow()
     bar = _progress(env, data.micro_per_epoch, first, f"{s.mode} {epoch + 1}/{cfg['epochs']}")
-    pending_nonfinite: Optional[Tuple[float, int]] = None
     for i, (images, labels, skipped) in zip(range(first, data.micro_per_epoch), data.loader):
         if i % s.update_freq == 0:
             set_lr(model.optimizer, lr_at(epoch + i / data.micro_per_epoch, s.lr, cfg["min_lr"], cfg["warmup_epochs"], cfg["epochs"]))
@@ -433,54 +473,64 @@ def _train_epoch(s: _Setup, data: _Data, model: _Model, progress: _Progress, epo
             images = images.contiguous(memory_format=torch.channels_last)
         labels = labels.to(env.device, non_blocking=True)
         boundary = (i + 1) % s.update_freq == 0
-        loss_value = _forward_backward(s, model, progress, images, labels, epoch, i, sync=boundary)
-        if not math.isfinite(loss_value):
-            pending_nonfinite = pending_nonfinite or (loss_value, i)
-        progress.sums["loss"] += loss_value if math.isfinite(loss_value) else 0.0
-        progress.sums["count"] += 1
+        window.pending.append(_forward_backward(s, model, images, labels, sync=boundary))
+        window.where.append((i, progress.global_step))
         progress.sums["skipped"] += skipped
-        window.loss += loss_value
-        window.n += 1
         window.images += images.shape[0] * env.world_size
         if not boundary:
             continue
-        if env.distributed:
-            bad = all_sum([1.0 if pending_nonfinite else 0.0], env)[0]
-            if bad:
-                v, at = pending_nonfinite or (float("nan"), i)
-                raise NonFiniteLossError(_loss_message(v, epoch, at, progress.global_step, s.out, progress.ckpt_info))
         _optimizer_step(s, model)
         progress.global_step += 1
         if bar is not None:
             bar.update(s.update_freq)
         if progress.global_step % cfg["log_interval"] == 0:
+            _read_losses(s, progress, window, epoch)
             _log_step(s, model, progress, window, bar, epoch, i)
             window = _LogWindow()
         if cfg["save_ckpt_steps"] and progress.global_step % cfg["save_ckpt_steps"] == 0 and i + 1 < data.micro_per_epoch:
+            _read_losses(s, progress, window, epoch)
             _check_weights(s, model, progress, f"epoch {epoch}, iteration {i + 1}, optimiser step {progress.global_step}")
             _save_state(s, data, model, progress, epoch, i + 1, gen_at_epoch_start)
             progress.ckpt_info = f"epoch {epoch}, iteration {i + 1}, step {progress.global_step}"
+    _read_losses(s, progress, window, epoch)
     if bar is not None:
         bar.close()
 
 
-def _forward_backward(s: _Setup, model: _Model, progress: _Progress, images: torch.Tensor, labels: torch.Tensor,
-                      epoch: int, i: int, sync: bool) -> float:
-    """One micro-step's loss, backward into the accumulated gradients; returns the loss value. With
-    DDP, ``sync`` is the micro-step whose backward all-reduces the gradients. A non-finite loss
-    raises at once in a single process; with DDP the caller stops the run at the optimiser step."""
-    env = s.env
-    no_sync = env.distributed and not sync
+def _forward_backward(s: _Setup, model: _Model, images: torch.Tensor, labels: torch.Tensor, sync: bool) -> torch.Tensor:
+    """One micro-step's loss, backward into the accumulated gradients; returns the loss, detached, as
+    float32 on the device. With DDP, ``sync`` is the micro-step whose backward all-reduces the gradients.
+    A non-finite loss is backpropagated too: with DDP every process must run backward for the gradient
+    all-reduce, and in any case ``_read_losses`` stops the run before a save."""
+    no_sync = s.env.distributed and not sync
     with model.fwd.no_sync() if no_sync else contextlib.nullcontext():
-        with torch.autocast(env.device.type, dtype=model.amp or torch.float32, enabled=model.amp is not None):
+        with torch.autocast(s.env.device.type, dtype=model.amp or torch.float32, enabled=model.amp is not None):
             loss = _train_loss(s, model, images, labels)
-        loss_value = float(loss.detach())
-        if not math.isfinite(loss_value) and not env.distributed:
-            raise NonFiniteLossError(_loss_message(loss_value, epoch, i, progress.global_step, s.out, progress.ckpt_info))
-        # Every process runs backward even on a bad loss: DDP's gradient all-reduce
-        # needs all of them; the step is refused at the boundary, together.
         model.scaler.scale(loss / s.update_freq).backward()
-    return loss_value
+    return loss.detach().float()
+
+
+def _read_losses(s: _Setup, progress: _Progress, window: _LogWindow, epoch: int) -> None:
+    """The losses waiting on the device, read back at once (one host-device sync) into the window and
+    the epoch's sums. A non-finite one stops the run, on every process together (they all read back at
+    the same optimiser steps), naming the first: called before every save and log line, so no
+    checkpoint is written after it, whatever the steps since did to the weights."""
+    bad: Optional[Tuple[float, int, int]] = None
+    if window.pending:
+        for v, (i, step) in zip(torch.stack(window.pending).tolist(), window.where):
+            if not math.isfinite(v) and bad is None:
+                bad = (v, i, step)
+            progress.sums["loss"] += v if math.isfinite(v) else 0.0
+            progress.sums["count"] += 1
+            window.loss += v
+            window.n += 1
+        window.pending, window.where = [], []
+    if s.env.distributed and all_sum([1.0 if bad else 0.0], s.env)[0] and bad is None:
+        raise NonFiniteLossError(_nonfinite_message(
+            f"the loss is not finite on another process in epoch {epoch} (by optimiser step {progress.global_step})",
+            s.out, progress.ckpt_info))
+    if bad is not None:
+        raise NonFiniteLossError(_loss_message(bad[0], epoch, bad[1], bad[2], s.out, progress.ckpt_info))
 
 
 def _train_loss(s: _Setup, model: _Model, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

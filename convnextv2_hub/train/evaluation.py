@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..files import atomic_write_json
-from .data import ShardSampler, build_dataset, collate, default_num_workers, eval_preprocessing, eval_transform, find_split
+from . import config as C
+from .data import ShardSampler, build_dataset, default_num_workers, eval_preprocessing, eval_transform, find_split, make_loader
 from .distributed import DistEnv, all_sum, init_distributed, shutdown
 from .run import Run, TrainingInputError
 
@@ -56,15 +57,12 @@ def evaluate(model: nn.Module, loader, env: DistEnv, amp: Optional[torch.dtype],
 def eval_loader(ds, cfg: Dict[str, Any], env: DistEnv, num_workers: int):
     """(loader, sharded): in order, sharded over processes when ``dist_eval`` (then the counts need
     summing over processes), else the whole set on every process."""
-    from torch.utils.data import DataLoader
-
     shard = cfg["dist_eval"] and env.distributed
     sampler = ShardSampler(len(ds), env.world_size if shard else 1, env.rank if shard else 0)
     gen = torch.Generator()  # its own generator: iterating must not advance the training RNG
     gen.manual_seed(0)
     return (
-        DataLoader(ds, batch_size=cfg["batch_size"], sampler=sampler, num_workers=num_workers, collate_fn=collate,
-                   pin_memory=cfg["pin_mem"] and env.device.type == "cuda", generator=gen),
+        make_loader(ds, cfg["batch_size"], sampler, num_workers, cfg["pin_mem"] and env.device.type == "cuda", gen),
         shard,
     )
 
@@ -80,8 +78,8 @@ def run_eval(run: Run) -> Dict[str, Any]:
     """The ``eval`` command: top-1/top-5 of released (``--pretrained``) or own (``--init``) weights."""
     from ..models.factory import create
 
-    cfg = run.cfg
     env = init_distributed(run.device)
+    cfg = C.device_defaults(run.cfg, env.device.type)
     try:
         loc = find_split(run.data_path, "val", fallback_to_root=True)
         if loc is None:
@@ -98,7 +96,7 @@ def run_eval(run: Run) -> Dict[str, Any]:
         model.to(env.device)
         if cfg["channels_last"]:
             model.to(memory_format=torch.channels_last)
-        nw = cfg["num_workers"] if cfg["num_workers"] is not None else default_num_workers(env.world_size)
+        nw = cfg["num_workers"] if cfg["num_workers"] is not None else default_num_workers()
         loader, shard = eval_loader(ds, cfg, env, nw)
         res = evaluate(model, loader, env, amp_dtype(cfg), cfg["channels_last"], reduce=shard)
         res.update(

@@ -112,12 +112,14 @@ def param_groups(
 def build_optimizer(
     model: nn.Module, cfg: Dict, mode: str, lr: float
 ) -> torch.optim.Optimizer:
-    """torch AdamW over :func:`param_groups`; betas from ``opt_betas`` (torch's default when null)."""
+    """torch AdamW over :func:`param_groups`; betas from ``opt_betas`` (torch's default when null);
+    the fused kernel with ``fused_adamw`` (else torch's choice of implementation)."""
     groups = param_groups(model, cfg["weight_decay"], cfg["layer_decay"], cfg["layer_decay_type"], mode)
     betas: Tuple[float, float] = tuple(cfg["opt_betas"]) if cfg["opt_betas"] else (0.9, 0.999)  # type: ignore[assignment]
     for g in groups:
         g["lr"] = lr * g["lr_scale"]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=cfg["opt_eps"])
+    fused = True if cfg.get("fused_adamw") else None
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=cfg["opt_eps"], fused=fused)
 
 
 def absolute_lr(cfg: Dict, eff_batch: int) -> float:

@@ -23,6 +23,7 @@ class Run:
     init: Optional[str] = None
     pretrained: bool = False
     resume: Optional[str] = None
+    overwrite: bool = False  # start over in an output folder that holds an earlier run's checkpoint
     device: str = "auto"
     recipe: Optional[str] = None
     notes: Dict[str, str] = field(default_factory=dict)

@@ -294,3 +294,59 @@ def test_eval_preprocessing_comes_from_the_manifest():
     p = eval_preprocessing("tiny", 384, None)  # the 384 checkpoint's squash resize
     assert (p.crop_pct, p.crop_mode) == (1.0, "squash")
     assert math.isclose(eval_preprocessing("atto", 32, None).crop_pct, 0.875)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU defaults: resolved per device type (no GPU needed to check what a CUDA run would get)
+# ----------------------------------------------------------------------------------------------------------
+def test_device_keys_are_on_for_cuda_and_off_for_cpu():
+    cfg = C.defaults()
+    assert all(cfg[k] is None for k in C.DEVICE_KEYS)  # "the device's best" until the device is known
+    assert all(C.device_defaults(cfg, "cuda")[k] is True for k in C.DEVICE_KEYS)
+    assert all(C.device_defaults(cfg, "cpu")[k] is False for k in C.DEVICE_KEYS)  # CPUs: as before
+    assert set(C.DEVICE_KEYS) == {"channels_last", "tf32", "cudnn_benchmark", "fused_adamw"}
+
+
+def test_device_keys_set_by_the_user_are_kept():
+    cfg, _ = C.resolve("finetune", "atto", None, C.parse_set(["tf32=false", "channels_last=true"]))
+    on_gpu = C.device_defaults(cfg, "cuda")
+    assert on_gpu["tf32"] is False and on_gpu["channels_last"] is True and on_gpu["fused_adamw"] is True
+    assert C.device_defaults(cfg, "cpu")["channels_last"] is True
+
+
+def test_device_keys_are_listed_with_their_rule():
+    text = C.known_keys_text()
+    for k in C.DEVICE_KEYS:
+        assert f"  {k} (default null): " in text and "null: on for CUDA devices" in text.split(f"  {k} (default null): ")[1].splitlines()[0]
+
+
+def test_fused_adamw_builds_the_fused_optimiser():
+    from torch import nn
+
+    from convnextv2_hub.train.optim import build_optimizer
+
+    cfg = C.device_defaults(C.defaults(), "cpu")
+    assert not build_optimizer(nn.Linear(2, 2), cfg, "finetune", 1e-3).defaults["fused"]
+    fused = build_optimizer(nn.Linear(2, 2), dict(cfg, fused_adamw=True), "finetune", 1e-3)
+    assert fused.defaults["fused"] is True
+
+
+def test_a_float32_recipe_on_a_gpu_says_tf32_is_on(capsys):
+    # What a CUDA run sets, checked without a GPU: the backend flags are plain settings.
+    from convnextv2_hub.train.distributed import DistEnv
+    from convnextv2_hub.train.engine import set_backends
+    from convnextv2_hub.train.runlog import Logger
+
+    flags = ((torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32"), (torch.backends.cudnn, "benchmark"))
+    saved = [getattr(mod, attr) for mod, attr in flags]  # cuBLAS's flags are not monkeypatchable attributes
+    try:
+        env = DistEnv(0, 1, 0, torch.device("cuda", 0), False)
+        cfg, _ = C.resolve("pretrain", "atto", None, {})
+        set_backends(C.device_defaults(cfg, "cuda"), env, Logger(None, env, False))
+        assert all(getattr(mod, attr) for mod, attr in flags)
+        assert "a float32 recipe (use_amp=false) with TF32 matmuls and convolutions" in capsys.readouterr().out
+        set_backends(C.device_defaults(dict(cfg, use_amp=True), "cuda"), env, Logger(None, env, False))
+        assert "TF32" not in capsys.readouterr().out  # autocast recipes: nothing to say
+    finally:
+        for (mod, attr), value in zip(flags, saved):
+            setattr(mod, attr, value)
