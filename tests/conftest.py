@@ -383,3 +383,22 @@ def write_bomb_png(path: Path, width: int = 14000, height: int = 14000) -> str:
 def bomb_png(tmp_path_factory) -> str:
     """A 14000 x 14000 PNG (196 M pixels, above twice PIL's default MAX_IMAGE_PIXELS), made once per module."""
     return write_bomb_png(tmp_path_factory.mktemp("bomb") / "bomb.png")
+
+
+# Arguments of a fine-tuning run small enough for a test: atto on 32 px digits, one process, no augmentation
+# that needs many images, nothing left running.
+TINY_FINETUNE_ARGS = ["--num-workers", "0", "--set", "update_freq=1", "--set", "warmup_epochs=0",
+                      "--set", "use_amp=false", "--set", "log_interval=1", "--set", "batch_size=8",
+                      "--set", "input_size=32", "--set", "model_ema=false", "--set", "aa=none", "--set", "reprob=0",
+                      "--set", "tensorboard=false"]
+
+
+def tiny_finetune_argv(data: Path, out: Path, *more: str) -> list:
+    """``convnextv2-train`` arguments: fine-tune atto on ``data`` into ``out`` (``more`` appended)."""
+    return ["finetune", "--model", "atto", "--data", str(data), "--output", str(out), *TINY_FINETUNE_ARGS, *more]
+
+
+@pytest.fixture(scope="module")
+def two_digit_classes(tmp_path_factory) -> Path:
+    """Two classes of 8 training images (2 optimiser steps of 8 per epoch) and 4 validation images."""
+    return write_digits(tmp_path_factory.mktemp("data") / "digits", [0, 1], 8, 4)

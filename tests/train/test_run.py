@@ -21,14 +21,9 @@ from convnextv2_hub.cli.train import main
 import sklearn  # noqa: F401,E402  (test extra: the data set comes from it)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Several processes share the cores; with several OpenMP threads each they spin against each
-    # other. Subprocesses get OMP_NUM_THREADS=1 (see ENV).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Several processes share the cores; with several OpenMP threads each they spin against each other.
+# This process runs on one thread (conftest's one_thread), subprocesses get OMP_NUM_THREADS=1 (see ENV).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")

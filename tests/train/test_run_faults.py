@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_digits
+from conftest import tiny_finetune_argv as finetune, write_digits
 from safetensors.torch import load_file
 
 import convnextv2_hub.train.engine as engine
@@ -20,27 +20,8 @@ from convnextv2_hub.cli.train import main
 
 import sklearn  # noqa: F401,E402  (test extra: the data set comes from it)
 
-COMMON = ["--num-workers", "0", "--set", "update_freq=1", "--set", "warmup_epochs=0", "--set", "use_amp=false",
-          "--set", "log_interval=1", "--set", "batch_size=8", "--set", "input_size=32", "--set", "model_ema=false",
-          "--set", "aa=none", "--set", "reprob=0", "--set", "tensorboard=false"]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    """Two classes of 8 training images (2 optimiser steps of 8 per epoch) and 4 validation images."""
-    return write_digits(tmp_path_factory.mktemp("data") / "digits", [0, 1], 8, 4)
-
-
-def finetune(data: Path, out: Path, *more: str) -> list:
-    return ["finetune", "--model", "atto", "--data", str(data), "--output", str(out), *COMMON, *more]
 
 
 def one_line(err: str) -> str:
@@ -120,30 +101,30 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_input_errors_are_one_line_and_leave_no_run_folder(tmp_path, capsys, digits, case):
+def test_input_errors_are_one_line_and_leave_no_run_folder(tmp_path, capsys, two_digit_classes, case):
     make, use_digits, says = CASES[case]
     root = tmp_path / "data"
-    more = make(root, digits)
+    more = make(root, two_digit_classes)
     out = tmp_path / "run"
-    assert main(finetune(digits if use_digits else root, out, *more)) == 1
+    assert main(finetune(two_digit_classes if use_digits else root, out, *more)) == 1
     assert says in one_line(capsys.readouterr().err)
     assert not out.exists()  # no empty folder, no config.json of a run that never started
 
 
-def test_eval_input_errors_are_one_line_too(tmp_path, capsys, digits):
+def test_eval_input_errors_are_one_line_too(tmp_path, capsys, two_digit_classes):
     out = tmp_path / "ev"
-    assert main(["eval", "--model", "atto", "--data", str(digits), "--output", str(out), "--num-workers", "0"]) == 1
+    assert main(["eval", "--model", "atto", "--data", str(two_digit_classes), "--output", str(out), "--num-workers", "0"]) == 1
     assert "eval needs --pretrained or --init PATH" in one_line(capsys.readouterr().err)
     assert not out.exists()
 
 
-def test_a_bug_keeps_its_traceback(tmp_path, digits, monkeypatch):
+def test_a_bug_keeps_its_traceback(tmp_path, two_digit_classes, monkeypatch):
     def broken(run):
         raise KeyError("a bug in the trainer")
 
     monkeypatch.setattr(engine, "train", broken)
     with pytest.raises(KeyError, match="a bug in the trainer"):
-        main(finetune(digits, tmp_path / "run"))
+        main(finetune(two_digit_classes, tmp_path / "run"))
 
 
 class _RunsCode:
@@ -155,7 +136,7 @@ class _RunsCode:
 
 
 @pytest.mark.parametrize("kind", ["runs code", "empty", "truncated", "weights only"])
-def test_resume_reads_through_the_safe_reader(tmp_path, capsys, digits, kind):
+def test_resume_reads_through_the_safe_reader(tmp_path, capsys, two_digit_classes, kind):
     state = tmp_path / "checkpoint-last.pt"
     marker = tmp_path / "pwned"
     if kind == "runs code":
@@ -171,7 +152,7 @@ def test_resume_reads_through_the_safe_reader(tmp_path, capsys, digits, kind):
         state = tmp_path / "weights.safetensors"
         save_file({"w": torch.zeros(2)}, str(state))
     out = tmp_path / "run"
-    assert main(finetune(digits, out, "--resume", str(state))) == 1
+    assert main(finetune(two_digit_classes, out, "--resume", str(state))) == 1
     line = one_line(capsys.readouterr().err)
     says = {"runs code": "refusing to load", "empty": "is empty (0 bytes)", "truncated": "truncated or corrupt",
             "weights only": "is not a finetune training state of this trainer"}[kind]
@@ -198,15 +179,15 @@ def poison_after_step(monkeypatch, step: int) -> None:
     monkeypatch.setattr(engine, "_optimizer_step", step_then_poison)
 
 
-def test_weights_ruined_at_an_epoch_boundary_keep_the_good_checkpoint(tmp_path, capsys, digits, monkeypatch):
+def test_weights_ruined_at_an_epoch_boundary_keep_the_good_checkpoint(tmp_path, capsys, two_digit_classes, monkeypatch):
     out = tmp_path / "run"
-    assert main(finetune(digits, out, "--set", "epochs=1", "--set", "lr=1e-3")) == 0
+    assert main(finetune(two_digit_classes, out, "--set", "epochs=1", "--set", "lr=1e-3")) == 0
     good_state = (out / "checkpoint-last.pt").read_bytes()
     good_weights = load_file(str(out / "checkpoint-last.safetensors"))
     good_eval = (out / "eval.json").read_text()
     capsys.readouterr()
     poison_after_step(monkeypatch, 2)  # the resumed run's last step of epoch 1
-    assert main(finetune(digits, out, "--set", "epochs=3", "--set", "lr=1e-3", "--resume", "auto")) == 1
+    assert main(finetune(two_digit_classes, out, "--set", "epochs=3", "--set", "lr=1e-3", "--resume", "auto")) == 1
     line = one_line(capsys.readouterr().err)
     assert "evaluation loss is nan after epoch 1" in line
     assert f"the last good checkpoint is {out / 'checkpoint-last.pt'} (epoch 1, iteration 0, step 2)" in line
@@ -225,9 +206,9 @@ def test_weights_ruined_at_an_epoch_boundary_keep_the_good_checkpoint(tmp_path, 
     (2, [], "non-finite values in model head.weight at the end of epoch 0"),  # last step: only the weights show it
     (1, ["--set", "save_ckpt_steps=1"], "non-finite values in model head.weight at epoch 0, iteration 1"),  # mid-epoch save
 ])
-def test_a_run_ruined_before_its_first_checkpoint_says_none_is_good(tmp_path, capsys, digits, monkeypatch, step, more, says):
+def test_a_run_ruined_before_its_first_checkpoint_says_none_is_good(tmp_path, capsys, two_digit_classes, monkeypatch, step, more, says):
     data = tmp_path / "digits"
-    shutil.copytree(digits / "train", data / "train")  # no val/: no evaluation loss to see it
+    shutil.copytree(two_digit_classes / "train", data / "train")  # no val/: no evaluation loss to see it
     out = tmp_path / "run"
     poison_after_step(monkeypatch, step)
     assert main(finetune(data, out, "--set", "epochs=2", "--set", "lr=1e-3", *more)) == 1
@@ -253,21 +234,21 @@ class _FullAfter:
         self.f.flush()
 
 
-def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, capsys, digits, monkeypatch):
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, capsys, two_digit_classes, monkeypatch):
     out = tmp_path / "run"
-    assert main(finetune(digits, out, "--set", "epochs=1", "--set", "lr=1e-3")) == 0
+    assert main(finetune(two_digit_classes, out, "--set", "epochs=1", "--set", "lr=1e-3")) == 0
     before = {p.name: p.read_bytes() for p in out.glob("checkpoint-last*")}
     capsys.readouterr()
     real_save = torch.save
     monkeypatch.setattr(torch, "save", lambda obj, f: real_save(obj, _FullAfter(f, 100_000)))
-    assert main(finetune(digits, out, "--set", "epochs=2", "--set", "lr=1e-3", "--resume", "auto")) == 1
+    assert main(finetune(two_digit_classes, out, "--set", "epochs=2", "--set", "lr=1e-3", "--resume", "auto")) == 1
     line = one_line(capsys.readouterr().err)
     assert f"the disk is full: could not write {out / 'checkpoint-last.pt'} (the previous checkpoint-last.pt is unchanged)" in line
     assert {p.name: p.read_bytes() for p in out.glob("checkpoint-last*")} == before
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_temporary_files_of_a_killed_run_are_cleaned_with_a_warning(tmp_path, digits):
+def test_temporary_files_of_a_killed_run_are_cleaned_with_a_warning(tmp_path, two_digit_classes):
     out = tmp_path / "run"
     out.mkdir()
     # What a SIGKILL mid-save leaves: the dead writer's hidden temporary file (written by a process
@@ -279,7 +260,7 @@ def test_temporary_files_of_a_killed_run_are_cleaned_with_a_warning(tmp_path, di
     old.write_bytes(b"x" * 10)
     os.utime(old, (time.time() - 7200, time.time() - 7200))
     with pytest.warns(UserWarning) as caught:
-        assert main(finetune(digits, out, "--set", "epochs=1", "--set", "lr=1e-3")) == 0
+        assert main(finetune(two_digit_classes, out, "--set", "epochs=1", "--set", "lr=1e-3")) == 0
     removed = [str(w.message) for w in caught if "temporary file" in str(w.message)]
     assert any(dead.name in m and "(3.0 KB)" in m for m in removed), removed
     assert any(old.name in m and "(10 bytes)" in m for m in removed), removed
