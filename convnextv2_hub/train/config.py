@@ -74,7 +74,7 @@ KEYS: Dict[str, Tuple[Any, str, str]] = {
     "tf32": (None, "bool?", "float32 matmuls and cuDNN convolutions in TF32 on CUDA (the log says so for a float32 recipe); null: on for CUDA devices [ours]"),
     "cudnn_benchmark": (None, "bool?", "cuDNN picks the fastest convolution algorithms for the run's shapes; null: on for CUDA devices [ours]"),
     "fused_adamw": (None, "bool?", "fused AdamW kernel (torch.optim.AdamW(fused=True)); null: on for CUDA devices [ours]"),
-    "grad_checkpointing": (False, "bool", "recompute blocks in backward to save memory [ours]"),
+    "grad_checkpointing": (None, "bool?", "recompute blocks in backward to save memory; null: on when the memory estimate exceeds 90% of the CUDA device, off elsewhere [ours]"),
     "num_workers": (None, "int?", "data loader workers per process; null: this node's CPUs (this process's affinity) / LOCAL_WORLD_SIZE - 1, at most 8, at least 0; workers persist across epochs"),
     "pin_mem": (True, "bool", "pinned host memory for GPU copies"),
     "save_ckpt_freq": (1, "int", "save the training state every N epochs (and at the end)"),

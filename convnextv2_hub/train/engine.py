@@ -70,6 +70,7 @@ from .data import (
 from .distributed import DistEnv, all_sum, barrier, init_distributed, shutdown
 from .ema import ModelEma
 from .evaluation import amp_dtype, eval_loader, evaluate
+from .memory import plan_grad_checkpointing
 from .models import build_finetune_model, build_pretrain_model
 from .optim import absolute_lr, build_optimizer, lr_at, set_lr
 from .rng import capture_rng, restore_rng, seed_all
@@ -360,7 +361,12 @@ def _build_model(s: _Setup, data: _Data) -> _Model:
     raw.to(env.device)
     if cfg["channels_last"]:
         raw.to(memory_format=torch.channels_last)
-    if cfg["grad_checkpointing"]:
+    # Decided before the first step, from the memory estimate (``memory.plan_grad_checkpointing``).
+    ckpt, lines = plan_grad_checkpointing(raw, cfg, s.mode, env.device)
+    for line in lines:
+        s.logger.info(line)
+    cfg["grad_checkpointing"] = s.resolved["grad_checkpointing"] = ckpt
+    if ckpt:
         (raw.encoder if s.mode == "pretrain" else raw).set_grad_checkpointing(True)
     ema = ModelEma(raw, cfg["model_ema_decay"]) if (s.mode == "finetune" and cfg["model_ema"]) else None
     optimizer = build_optimizer(raw, cfg, s.mode, s.lr)
