@@ -309,6 +309,9 @@ def _save_ours(model: torch.nn.Module, path: Path, metadata: Optional[Dict[str, 
             raise TypeError(f"safetensors metadata must map str to str; got {k!r}: {v!r}")
         if k == "format" and v != meta["format"]:
             raise ValueError("metadata key 'format' is reserved: it marks files written by convnextv2_hub")
+        if k in DESCRIPTION_KEYS and v != meta.get(k):
+            raise ValueError(f"metadata key {k!r} is reserved: it is written from the model (set model.label_names "
+                             "or model.checkpoint instead)")
         meta[k] = v
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
 
@@ -320,6 +323,7 @@ def _save_ours(model: torch.nn.Module, path: Path, metadata: Optional[Dict[str, 
 # Self-description: what a file of ours says about its head, labels and preprocessing
 # ------------------------------------------------------------------------------------------------
 PREPROCESSING_FIELDS = ("resolution", "crop_pct", "crop_mode", "interpolation", "mean", "std")
+DESCRIPTION_KEYS = ("label_names", "preprocessing", "base_checkpoint")
 
 
 @dataclass(frozen=True)
@@ -378,19 +382,36 @@ def read_description(source: Source) -> Optional[CheckpointDescription]:
     meta = read_metadata(source)
     if meta.get("format") != "convnextv2_hub":
         return None
-    where = describe_source(source)
-    try:
-        n = int(meta.get("num_classes", "0"))
-        names = json.loads(meta["label_names"]) if "label_names" in meta else None
-        prep = json.loads(meta["preprocessing"]) if "preprocessing" in meta else None
-    except ValueError as e:
-        raise CheckpointError(f"{where}: its description metadata is not readable ({e}); save it again") from e
-    if names is not None and (not isinstance(names, list) or len(names) != n):
-        raise CheckpointError(f"{where}: its label_names do not give one name per class of its {n}-class head")
-    if prep is not None and (not isinstance(prep, dict) or set(prep) != set(PREPROCESSING_FIELDS)):
-        raise CheckpointError(f"{where}: its preprocessing metadata must hold exactly {list(PREPROCESSING_FIELDS)}")
+    n = int(meta["num_classes"]) if meta.get("num_classes", "").isdigit() else 0
+    names = _json_entry(meta, "label_names", list, source)
+    if names is not None and len(names) != n:
+        _ignored(source, "label_names", f"{len(names)} names for a {n}-class head")
+        names = None
+    prep = _json_entry(meta, "preprocessing", dict, source)
+    if prep is not None and set(prep) != set(PREPROCESSING_FIELDS):
+        _ignored(source, "preprocessing", f"it must hold exactly {list(PREPROCESSING_FIELDS)}")
+        prep = None
     return CheckpointDescription(n if n > 0 else None, [str(x) for x in names] if names is not None else None,
                                  prep, meta.get("base_checkpoint"))
+
+
+def _json_entry(meta: Mapping[str, str], key: str, kind: type, source: Source) -> Any:
+    if key not in meta:
+        return None
+    try:
+        value = json.loads(meta[key])
+    except ValueError:
+        value = None
+    if not isinstance(value, kind):
+        _ignored(source, key, f"not a JSON {kind.__name__}")
+        return None
+    return value
+
+
+def _ignored(source: Source, key: str, why: str) -> None:
+    # Files written before the description may hold a user's entry of that name: they keep loading as they
+    # did (weights only), and the warning says why the entry did not describe the model.
+    warnings.warn(f"checkpoint {describe_source(source)}: metadata {key!r} is ignored ({why})", stacklevel=3)
 
 
 def described_num_classes(source: Source) -> Optional[int]:
@@ -523,6 +544,7 @@ __all__ = [
     "CheckpointDescription",
     "CheckpointError",
     "CheckpointNotFoundError",
+    "DESCRIPTION_KEYS",
     "FORMATS",
     "LoadReport",
     "SAVE_FORMATS",

@@ -13,7 +13,6 @@ from conftest import write_digits
 
 import convnextv2_hub as cvh
 from convnextv2_hub.checkpoints.io import (
-    CheckpointError,
     load_checkpoint,
     read_description,
     read_metadata,
@@ -120,15 +119,27 @@ def test_timm_layout_and_older_files_load_as_before(named_file, tmp_path):
     assert getattr(older, "label_names", None) is None
 
 
-def test_malformed_description_is_refused_with_the_file_named(named_file, tmp_path):
+def test_foreign_entries_of_older_files_are_ignored_with_a_warning(named_file, tmp_path):
     model, _ = named_file
     from safetensors.torch import save_file
 
     bad = tmp_path / "bad.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(bad),
-              metadata={"format": "convnextv2_hub", "num_classes": "10", "label_names": '["a", "b"]'})
-    with pytest.raises(CheckpointError, match="bad.safetensors.*one name per class"):
-        cvh.create("atto", checkpoint_path=bad)
+              metadata={"format": "convnextv2_hub", "num_classes": "10", "label_names": "cats and dogs",
+                        "preprocessing": '{"resolution": 224}'})
+    with pytest.warns(UserWarning) as caught:
+        loaded = cvh.create("atto", checkpoint_path=bad)
+    said = " ".join(str(w.message) for w in caught)
+    assert "bad.safetensors: metadata 'label_names' is ignored" in said and "'preprocessing' is ignored" in said
+    assert loaded.num_classes == 10 and getattr(loaded, "label_names", None) is None
+    assert loaded.checkpoint == get_checkpoint("atto")
+
+
+def test_description_keys_are_reserved_for_the_model(named_file, tmp_path):
+    model, _ = named_file
+    with pytest.raises(ValueError, match="'label_names' is reserved"):
+        save_checkpoint(model, tmp_path / "x.safetensors", metadata={"label_names": '["a"]'})
+    save_checkpoint(model, tmp_path / "y.safetensors", metadata={"base_checkpoint": "atto.fcmae_ft_in1k"})
 
 
 def test_load_classifier_takes_the_described_head(named_file):
