@@ -31,6 +31,7 @@ an HF ``from_pretrained`` folder, the authors' ``{'model': sd}`` ``.pt``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -38,7 +39,7 @@ import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import safetensors.torch
 import torch
@@ -64,6 +65,7 @@ from .reading import (
     CheckpointNotFoundError,
     Source,
     describe_source,
+    is_safetensors,
     read_metadata,
     read_state_dict,
 )
@@ -101,6 +103,8 @@ def load_checkpoint(model: ConvNeXtV2, source: Source, strict: bool = True) -> L
     * Any other missing or unexpected key raises ``CheckpointError`` listing them and guessing the
       variant the checkpoint was made for; ``strict=False`` reports them instead. Shape mismatches
       always raise.
+    * A file of ours that describes itself (``read_description``) also sets ``model.label_names`` (when
+      its head was loaded) and ``model.checkpoint`` (its stored preprocessing): see ``apply_description``.
     """
     where = describe_source(source)
     sd = read_state_dict(source)
@@ -155,6 +159,9 @@ def load_checkpoint(model: ConvNeXtV2, source: Source, strict: bool = True) -> L
             t = target[k]
             adapted[k] = v.to(device=t.device, dtype=t.dtype) if t.is_floating_point() else v.to(t.device)
     model.load_state_dict(adapted, strict=True)
+    description = read_description(source)
+    if description is not None:
+        apply_description(model, description, head_kept="head" in report.reinitialized)
     return report
 
 
@@ -249,8 +256,10 @@ def save_checkpoint(
     decoder, a ``features_only`` model for timm/HF, sizes timm has no name for) raises ValueError.
 
     Metadata of ``"ours"``: ``format='convnextv2_hub'``, ``variant``, ``tag`` (when
-    ``model.checkpoint.tag`` exists), ``num_classes`` (0 without a head), then the user's entries (which
-    may not change ``format``). The peer formats take no metadata: their loaders would not read it.
+    ``model.checkpoint.tag`` exists), ``num_classes`` (0 without a head), the description ``read_description`` reads back
+    (``label_names`` as a JSON list when the model has real names, ``preprocessing`` as a JSON object and
+    ``base_checkpoint``, both when ``model.checkpoint`` is set), then the user's entries (which may not
+    change ``format``). The peer formats take no metadata: their loaders would not read it.
     The file is written to a temporary name in the same folder, fsynced and renamed over ``path``,
     so ``path`` is either the old file or the complete new one; the temporary file never remains.
     """
@@ -294,17 +303,153 @@ def _save_ours(model: torch.nn.Module, path: Path, metadata: Optional[Dict[str, 
         meta["tag"] = str(tag)
     head = getattr(model, "head", None)
     meta["num_classes"] = str(head.out_features if isinstance(head, torch.nn.Linear) else 0)
+    meta.update(describe_model(model))
     for k, v in (metadata or {}).items():
         if not isinstance(k, str) or not isinstance(v, str):
             raise TypeError(f"safetensors metadata must map str to str; got {k!r}: {v!r}")
         if k == "format" and v != meta["format"]:
             raise ValueError("metadata key 'format' is reserved: it marks files written by convnextv2_hub")
+        if k in DESCRIPTION_KEYS and v != meta.get(k):
+            raise ValueError(f"metadata key {k!r} is reserved: it is written from the model (set model.label_names "
+                             "or model.checkpoint instead)")
         meta[k] = v
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
 
     with atomic_path(path) as tmp:
         safetensors.torch.save_file(tensors, str(tmp), metadata=meta)
     return path
+
+# ------------------------------------------------------------------------------------------------
+# Self-description: what a file of ours says about its head, labels and preprocessing
+# ------------------------------------------------------------------------------------------------
+PREPROCESSING_FIELDS = ("resolution", "crop_pct", "crop_mode", "interpolation", "mean", "std")
+DESCRIPTION_KEYS = ("label_names", "preprocessing", "base_checkpoint")
+
+
+@dataclass(frozen=True)
+class CheckpointDescription:
+    """What a file written by ``save_checkpoint`` (format ``"ours"``) says about the model it holds.
+
+    ``num_classes``: the head's class count (None when the file has no head). ``label_names``: one name
+    per class, None when the saved model had none of its own. ``preprocessing``: the fields of
+    ``PREPROCESSING_FIELDS``, None for older files. ``base_checkpoint``: the released checkpoint the
+    weights started from, None when unknown.
+    """
+
+    num_classes: Optional[int]
+    label_names: Optional[List[str]]
+    preprocessing: Optional[Dict[str, Any]]
+    base_checkpoint: Optional[str]
+
+
+def real_label_names(model: torch.nn.Module) -> Optional[List[str]]:
+    """``label_names(model)`` when they are real names (the model's own, or its checkpoint's for a
+    matching head); None where ``label_names`` would make up ``class_0``, ``class_1``, ..."""
+    head = getattr(model, "head", None)
+    if not isinstance(head, torch.nn.Linear):
+        return None
+    own = getattr(model, "label_names", None)
+    ckpt = getattr(model, "checkpoint", None)
+    # Any entry-like object may be attached (``create`` attaches a Checkpoint); only a matching head inherits.
+    matches = getattr(ckpt, "num_classes", None) == head.out_features
+    inherited = getattr(ckpt, "label_names", None) if matches else None
+    names = own if own is not None else inherited
+    if names is None or len(names) != head.out_features:
+        return None
+    return [str(x) for x in names]
+
+
+def describe_model(model: torch.nn.Module) -> Dict[str, str]:
+    """The description metadata ``save_checkpoint`` writes for ``model`` (safetensors metadata is str -> str,
+    so lists and objects are JSON). Preprocessing is written only for a model that carries its checkpoint
+    entry: for a bare ``ConvNeXtV2`` it would be a guess, and a guess read back later looks like a fact."""
+    meta: Dict[str, str] = {}
+    names = real_label_names(model)
+    if names is not None:
+        meta["label_names"] = json.dumps(names)
+    ckpt = getattr(model, "checkpoint", None)
+    if isinstance(ckpt, Checkpoint):
+        meta["preprocessing"] = json.dumps({k: getattr(ckpt, k) for k in PREPROCESSING_FIELDS})
+        meta["base_checkpoint"] = ckpt.name
+    return meta
+
+
+def read_description(source: Source) -> Optional[CheckpointDescription]:
+    """The description a safetensors file of ours holds; None for anything else (a folder, a ``.pt`` file,
+    a state dict, timm's or HF's files), which then loads exactly as a plain state dict."""
+    if isinstance(source, Mapping) or not Path(source).is_file() or not is_safetensors(source):
+        return None
+    meta = read_metadata(source)
+    if meta.get("format") != "convnextv2_hub":
+        return None
+    n = int(meta["num_classes"]) if meta.get("num_classes", "").isdigit() else 0
+    names = _json_entry(meta, "label_names", list, source)
+    if names is not None and len(names) != n:
+        _ignored(source, "label_names", f"{len(names)} names for a {n}-class head")
+        names = None
+    prep = _json_entry(meta, "preprocessing", dict, source)
+    if prep is not None and set(prep) != set(PREPROCESSING_FIELDS):
+        _ignored(source, "preprocessing", f"it must hold exactly {list(PREPROCESSING_FIELDS)}")
+        prep = None
+    return CheckpointDescription(n if n > 0 else None, [str(x) for x in names] if names is not None else None,
+                                 prep, meta.get("base_checkpoint"))
+
+
+def _json_entry(meta: Mapping[str, str], key: str, kind: type, source: Source) -> Any:
+    if key not in meta:
+        return None
+    try:
+        value = json.loads(meta[key])
+    except ValueError:
+        value = None
+    if not isinstance(value, kind):
+        _ignored(source, key, f"not a JSON {kind.__name__}")
+        return None
+    return value
+
+
+def _ignored(source: Source, key: str, why: str) -> None:
+    # Files written before the description may hold a user's entry of that name: they keep loading as they
+    # did (weights only), and the warning says why the entry did not describe the model.
+    warnings.warn(f"checkpoint {describe_source(source)}: metadata {key!r} is ignored ({why})", stacklevel=3)
+
+
+def described_num_classes(source: Source) -> Optional[int]:
+    """The head size ``source`` says it has, when it is a file of ours with a head; None otherwise."""
+    description = read_description(source)
+    return description.num_classes if description is not None else None
+
+
+def apply_description(model: torch.nn.Module, description: CheckpointDescription, head_kept: bool = False) -> None:
+    """Give ``model`` what ``description`` says about the weights just loaded into it.
+
+    ``label_names`` only when the file's head was loaded (``head_kept`` False and the sizes agree): a
+    fresh head has no classes yet. ``model.checkpoint``: the base entry (``base_checkpoint`` when the
+    manifest knows it, else the model's own entry) with the stored preprocessing and the model's class
+    count, so ``model.checkpoint.transforms()`` prepares images as the weights expect.
+    """
+    head = getattr(model, "head", None)
+    n = head.out_features if isinstance(head, torch.nn.Linear) else 0
+    if description.label_names is not None and not head_kept and len(description.label_names) == n:
+        model.label_names = list(description.label_names)
+    if description.preprocessing is None:
+        return
+    base = _known_checkpoint(description.base_checkpoint)
+    if base is None or base.variant != getattr(model, "variant", None):
+        # An entry of another size would misdescribe the model (its variant, its download): keep the model's.
+        base = preprocessing_of(model)
+    prep = dict(description.preprocessing)
+    prep["mean"], prep["std"] = tuple(prep["mean"]), tuple(prep["std"])
+    model.checkpoint = dataclasses.replace(base, num_classes=n, **prep)
+
+
+def _known_checkpoint(name: Optional[str]) -> Optional[Checkpoint]:
+    if not name:
+        return None
+    try:
+        return get_checkpoint(name)
+    except (KeyError, ValueError):  # a name from a newer manifest, or edited by hand: fall back to the model's
+        return None
 
 
 def _check_writable(model: torch.nn.Module, fmt: str) -> None:
@@ -396,15 +541,23 @@ def timm_load_hint(path: PathLike, variant: str, num_classes: int) -> str:
 
 
 __all__ = [
+    "CheckpointDescription",
     "CheckpointError",
     "CheckpointNotFoundError",
+    "DESCRIPTION_KEYS",
     "FORMATS",
     "LoadReport",
     "SAVE_FORMATS",
+    "PREPROCESSING_FIELDS",
+    "apply_description",
+    "describe_model",
+    "described_num_classes",
     "detect_format",
     "load_checkpoint",
     "preprocessing_of",
+    "read_description",
     "read_metadata",
+    "real_label_names",
     "read_state_dict",
     "save_checkpoint",
     "split_fcmae_sparse",

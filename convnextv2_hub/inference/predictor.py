@@ -180,7 +180,7 @@ def load_classifier(
     start of a fine-tune; classifying with it prints guesses. A pretrained name is checked against the
     manifest before anything is downloaded. ``create_kwargs`` go to ``create``.
     """
-    from ..checkpoints.io import load_checkpoint
+    from ..checkpoints.io import described_num_classes, load_checkpoint
     from ..models.factory import create
 
     if checkpoint_path is None:
@@ -193,6 +193,9 @@ def load_classifier(
         if wanted != ckpt.num_classes:
             raise ValueError(f"{ckpt.name} has a {ckpt.num_classes}-class head, not {wanted}: {_NEW_HEAD_ADVICE}")
         return create(name, pretrained=True, num_classes=num_classes, **create_kwargs)
+    if num_classes is None:
+        # A file of ours says its head size: its own head is then the one classified with, not a new one.
+        num_classes = described_num_classes(checkpoint_path)
     model = create(name, num_classes=num_classes, **create_kwargs)
     # load_checkpoint warns that it keeps a new head; here that is an error, so its warning is held back.
     with warnings.catch_warnings(record=True) as caught:

@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from ..checkpoints.io import load_checkpoint
+from ..checkpoints.io import described_num_classes, load_checkpoint
 from ..checkpoints.download import discard_cached_file, download_checkpoint, offline_mode
 from ..checkpoints.reading import CheckpointError, read_checkpoint_file
 from ..checkpoints.registry import Checkpoint, get_checkpoint, parse_model_name
@@ -39,12 +39,17 @@ def create(
     - ``checkpoint_path`` loads a local file or folder in any supported format (ours, the authors',
       timm, HF transformers, FCMAE) instead of downloading.
     - ``num_classes`` different from the checkpoint's keeps a freshly initialised head (with a warning),
-      the usual start of a fine-tune. Default: the checkpoint's class count (0 for FCMAE encoders).
+      the usual start of a fine-tune. Default: the checkpoint's class count (0 for FCMAE encoders); for a
+      ``checkpoint_path`` written by ``save_checkpoint``, the class count the file describes, and its
+      label names and preprocessing are set on the model too (``model.label_names``, ``model.checkpoint``).
     - Downloaded files are verified before use. A cached file that turns out unreadable is removed and
       downloaded once more (not in offline mode); ``force_download=True`` downloads it again regardless.
     """
     variant, tag = parse_model_name(name)
     ckpt: Checkpoint = get_checkpoint(name if tag else variant)
+    if num_classes is None and checkpoint_path is not None:
+        # A file of ours says how big its head is: build that head rather than a 1000-class one to discard.
+        num_classes = described_num_classes(checkpoint_path)
     if num_classes is None:
         num_classes = ckpt.num_classes if (pretrained or tag) else 1000
     model = convnextv2(

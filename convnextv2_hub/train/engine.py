@@ -601,7 +601,7 @@ def _end_epoch(s: _Setup, data: _Data, model: _Model, progress: _Progress, epoch
     _check_weights(s, model, progress, f"the end of epoch {epoch} (optimiser step {progress.global_step})")
     if (epoch + 1) % cfg["save_ckpt_freq"] == 0 or epoch + 1 == cfg["epochs"]:
         _save_state(s, data, model, progress, epoch + 1, 0, data.loader_gen.get_state())
-        _save_weights(s, model, progress, epoch + 1)
+        _save_weights(s, data, model, progress, epoch + 1)
         progress.ckpt_info = f"epoch {epoch + 1}, iteration 0, step {progress.global_step}"
     if env.is_main and last_eval:  # after the weights it describes: a failed save leaves the old pair
         atomic_write_json(s.out / "eval.json", dict(last_eval, model=s.run.model, weights=str(s.out / WEIGHTS_FILE)))
@@ -676,8 +676,9 @@ def _save_state(s: _Setup, data: _Data, model: _Model, progress: _Progress, epoc
         })
 
 
-def _save_weights(s: _Setup, model: _Model, progress: _Progress, epoch: int) -> None:
-    """The weights as safetensors (rank 0): the whole FCMAE, or the classifier and its EMA."""
+def _save_weights(s: _Setup, data: _Data, model: _Model, progress: _Progress, epoch: int) -> None:
+    """The weights as safetensors (rank 0): the whole FCMAE, or the classifier and its EMA, which
+    ``save_checkpoint`` describes with the ImageFolder's class names (``model.label_names``)."""
     if not s.env.is_main:
         return
     info = {"epoch": str(epoch), "global_step": str(progress.global_step), "recipe": str(s.run.recipe)}
@@ -686,9 +687,24 @@ def _save_weights(s: _Setup, model: _Model, progress: _Progress, epoch: int) -> 
     else:
         from ..checkpoints.io import save_checkpoint
 
+        names = _class_names(s, data)
+        for m in (model.raw, model.ema.module if model.ema is not None else None):
+            if m is not None and names is not None:
+                m.label_names = names
         save_checkpoint(model.raw, s.out / WEIGHTS_FILE, metadata=info)
         if model.ema is not None:
             save_checkpoint(model.ema.module, s.out / EMA_WEIGHTS_FILE, metadata=dict(info, ema="true"))
+
+
+def _class_names(s: _Setup, data: _Data) -> Optional[List[str]]:
+    """The class folders' names, when the training set is an ImageFolder whose classes are the head's. A
+    file list's classes are only its label numbers, and ``nb_classes`` may ask for a larger head: neither
+    gives one real name per output, so then the checkpoint records none rather than made-up ones."""
+    train_loc = find_split(s.run.data_path, "train")
+    classes = list(data.train_ds.classes)
+    if train_loc is None or not train_loc.is_dir() or len(classes) != data.num_classes:
+        return None
+    return classes
 
 
 def _progress(env: DistEnv, total: int, initial: int, desc: str):
