@@ -1,7 +1,6 @@
 """Checkpoints of ours describe themselves: head size, label names, preprocessing and base checkpoint are
 written by save_checkpoint and read back by create / load_checkpoint / load_classifier / the trainer's files.
 Files without the description (timm's, older ones of ours) load as before."""
-import dataclasses
 import json
 import os
 import shutil

@@ -192,8 +192,19 @@ def test_predictor_refuses_a_new_untrained_head(ten_class_file, photos, monkeypa
         Predictor("atto", num_classes=10)
     with pytest.raises(ValueError, match="atto.fcmae is an encoder without a classifier head"):
         Predictor("atto.fcmae")
-    # A local file: its head has 10 classes, the model would have 1000.
+    # A local file with a 10-class head, asked for 1000 classes: the head would be new.
     with pytest.raises(ValueError, match=r"has a 10-class head but the model has 1000 classes: .*fine-tuning"):
-        Predictor("atto", checkpoint_path=ten_class_file, backend="eager")
-    p = Predictor("atto", checkpoint_path=ten_class_file, num_classes=10, backend="eager")
-    assert [len(r) for r in p.predict(photos[:1], topk=3)] == [3]
+        Predictor("atto", checkpoint_path=ten_class_file, num_classes=1000, backend="eager")
+    # A file that does not state its head (timm's layout) is checked against the default 1000 classes.
+    from convnextv2_hub.checkpoints.io import load_checkpoint, save_checkpoint
+    from convnextv2_hub.models.convnextv2 import convnextv2
+
+    ten = convnextv2("atto", num_classes=10)
+    load_checkpoint(ten, ten_class_file)
+    timm_file = save_checkpoint(ten, ten_class_file.with_name("atto10_timm.safetensors"), format="timm")
+    with pytest.raises(ValueError, match=r"has a 10-class head but the model has 1000 classes: .*fine-tuning"):
+        Predictor("atto", checkpoint_path=timm_file, backend="eager")
+    # Our own file states its head: no num_classes needed.
+    for p in (Predictor("atto", checkpoint_path=ten_class_file, backend="eager"),
+              Predictor("atto", checkpoint_path=timm_file, num_classes=10, backend="eager")):
+        assert [len(r) for r in p.predict(photos[:1], topk=3)] == [3]
