@@ -2,7 +2,6 @@
 trainer's automatic activation-checkpointing decision."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +12,6 @@ from convnextv2_hub.train import config as C
 from convnextv2_hub.train import memory
 from convnextv2_hub.train.memory import GIB, estimate, plan_grad_checkpointing
 
-ROOT = Path(__file__).resolve().parents[2]
 
 def test_param_counts_match_the_models():
     assert estimate("atto", 224, 1).params == 4 * count_params(convnextv2("atto"))
