@@ -2,6 +2,7 @@
 (a mock Hugging Face Hub and a static file server) and a clean Hugging Face environment."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.server
 import socket
@@ -402,3 +403,20 @@ def tiny_finetune_argv(data: Path, out: Path, *more: str) -> list:
 def two_digit_classes(tmp_path_factory) -> Path:
     """Two classes of 8 training images (2 optimiser steps of 8 per epoch) and 4 validation images."""
     return write_digits(tmp_path_factory.mktemp("data") / "digits", [0, 1], 8, 4)
+
+
+class FullAfter:
+    """A file object that takes ``room`` bytes, then fails as a full disk does (ENOSPC)."""
+
+    def __init__(self, f, room: int) -> None:
+        self.f, self.room = f, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+

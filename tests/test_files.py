@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import FullAfter
 import torch
 
 from convnextv2_hub.files import DiskFullError, atomic_path, atomic_torch_save, atomic_write, atomic_write_json, temp_path
@@ -108,20 +109,6 @@ def test_live_writers_and_other_files_are_kept(tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 # A full disk
 # ----------------------------------------------------------------------------------------------------------
-class _FullAfter:
-    """A file object that takes ``room`` bytes, then fails as a full disk does."""
-
-    def __init__(self, f, room: int) -> None:
-        self.f, self.room = f, room
-
-    def write(self, data) -> int:
-        if len(data) > self.room:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        self.room -= len(data)
-        return self.f.write(data)
-
-    def flush(self) -> None:
-        self.f.flush()
 
 
 def test_disk_full_names_the_file_and_keeps_the_old_one(tmp_path):
@@ -129,7 +116,7 @@ def test_disk_full_names_the_file_and_keeps_the_old_one(tmp_path):
     target.write_bytes(b"old")
     with pytest.raises(DiskFullError, match=rf"the disk is full: could not write {re.escape(str(target))} "
                                             r"\(the previous eval.json is unchanged\)") as info:
-        atomic_write(target, lambda f: _FullAfter(f, 5).write(b"a longer new content"))
+        atomic_write(target, lambda f: FullAfter(f, 5).write(b"a longer new content"))
     assert info.value.errno == errno.ENOSPC and isinstance(info.value, OSError)
     assert target.read_bytes() == b"old" and _temps(tmp_path) == []
 
@@ -140,7 +127,7 @@ def test_torch_save_on_a_full_disk(tmp_path, monkeypatch):
     torch.save({"w": torch.zeros(4)}, target)
     before = target.read_bytes()
     real_save = torch.save
-    monkeypatch.setattr(torch, "save", lambda obj, f: real_save(obj, _FullAfter(f, 200)))
+    monkeypatch.setattr(torch, "save", lambda obj, f: real_save(obj, FullAfter(f, 200)))
     with pytest.raises(DiskFullError, match=rf"could not write {re.escape(str(target))} \(the previous checkpoint-last.pt is unchanged\)"):
         atomic_torch_save(target, {"w": torch.ones(10_000)})
     assert target.read_bytes() == before and _temps(tmp_path) == []

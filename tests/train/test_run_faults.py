@@ -1,7 +1,6 @@
 """The trainer meeting faults as a user would: absurd config values, bad data, unreadable or hostile
 ``--init`` / ``--resume`` files, weights that blow up, a full disk, temporary files of a killed run.
 Each test asserts the one-line message and that nothing is left that a later run would take as good."""
-import errno
 import json
 import os
 import shutil
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_finetune_argv as finetune, write_digits
+from conftest import FullAfter, tiny_finetune_argv as finetune, write_digits
 from safetensors.torch import load_file
 
 import convnextv2_hub.train.engine as engine
@@ -220,18 +219,6 @@ def test_a_run_ruined_before_its_first_checkpoint_says_none_is_good(tmp_path, ca
 # ----------------------------------------------------------------------------------------------------------
 # A full disk; temporary files of a killed run
 # ----------------------------------------------------------------------------------------------------------
-class _FullAfter:
-    def __init__(self, f, room: int) -> None:
-        self.f, self.room = f, room
-
-    def write(self, data) -> int:
-        if len(data) > self.room:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        self.room -= len(data)
-        return self.f.write(data)
-
-    def flush(self) -> None:
-        self.f.flush()
 
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, capsys, two_digit_classes, monkeypatch):
@@ -240,7 +227,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, capsys, 
     before = {p.name: p.read_bytes() for p in out.glob("checkpoint-last*")}
     capsys.readouterr()
     real_save = torch.save
-    monkeypatch.setattr(torch, "save", lambda obj, f: real_save(obj, _FullAfter(f, 100_000)))
+    monkeypatch.setattr(torch, "save", lambda obj, f: real_save(obj, FullAfter(f, 100_000)))
     assert main(finetune(two_digit_classes, out, "--set", "epochs=2", "--set", "lr=1e-3", "--resume", "auto")) == 1
     line = one_line(capsys.readouterr().err)
     assert f"the disk is full: could not write {out / 'checkpoint-last.pt'} (the previous checkpoint-last.pt is unchanged)" in line
