@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from .arguments import add_weights_arguments
+
 # The exporter (and torch) are imported once the arguments are checked, so --help answers at once.
 HELP_DEFAULT_OPSET = 18  # inference.export.DEFAULT_OPSET, pinned equal by a test
 
@@ -18,10 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     out = p.add_mutually_exclusive_group(required=True)
     out.add_argument("--onnx", metavar="OUT", help="write an ONNX file")
     out.add_argument("--torchscript", metavar="OUT", help="write a TorchScript file")
-    p.add_argument("--checkpoint-path", help="local weights instead of downloading the pretrained checkpoint")
-    p.add_argument("--num-classes", type=int, help="head size of --checkpoint-path weights")
-    p.add_argument("--force-download", action="store_true",
-                   help="download the checkpoint again even if a cached copy exists")
+    add_weights_arguments(p)
     p.add_argument("--image-size", type=int, help="input size (multiple of 32; default: the checkpoint's)")
     p.add_argument("--static-batch", type=int, metavar="N", help="fix the batch axis to N (default: dynamic)")
     p.add_argument("--opset", type=int, help=f"ONNX opset (default {HELP_DEFAULT_OPSET})")

@@ -12,6 +12,7 @@ from typing import List, Optional
 
 from ..preprocessing.images import SAMPLE_IMAGE, sample_image_path  # noqa: F401  (the photo predict classifies by default)
 from .analyze import add_analyze_parser
+from .arguments import add_weights_arguments
 from .convert import add_convert_parser
 from .fcmae_show import add_fcmae_show_parser
 
@@ -104,10 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="classify images (default: the bundled sample photo)")
     p.add_argument("images", nargs="*", help="image files and folders (searched recursively for images)")
     p.add_argument("--model", default="tiny", help="model or checkpoint name (default: tiny)")
-    p.add_argument("--checkpoint-path", help="local weights instead of downloading")
-    p.add_argument("--num-classes", type=int, help="head size of --checkpoint-path weights")
-    p.add_argument("--force-download", action="store_true",
-                   help="download the checkpoint again even if a cached copy exists")
+    add_weights_arguments(p)
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--backend", default="auto", choices=["auto", "eager", "compile", "onnxruntime"],
