@@ -172,13 +172,17 @@ class CompiledConvNeXtV2:
     W multiples of 32. Each new (segment, micro-batch shape) compiles on first use. The model's
     weights and structure are read once, when a graph compiles: change the model afterwards and the
     graphs go on computing the old one (``Predictor`` compiles a private copy, so it never sees that).
+
+    ``autotune=False`` skips timing inductor's GEMM kernels against oneDNN's on CPUs: compiling takes
+    about half as long, and each GEMM runs oneDNN's kernel, which may be the slower one.
     """
 
-    def __init__(self, model: ConvNeXtV2, rows: int = ROWS_PER_CHUNK) -> None:
+    def __init__(self, model: ConvNeXtV2, rows: int = ROWS_PER_CHUNK, autotune: bool = True) -> None:
         if model.features_only or model.training:
             raise ValueError("CompiledConvNeXtV2 needs an eval-mode model with a classifier head")
         self.model = model
         self.rows = rows
+        self.autotune = autotune
         self._segments: Dict[Tuple[int, int], nn.Module] = {}
 
     def plan(self, x: torch.Tensor) -> List[Tuple[int, int, int]]:
@@ -221,7 +225,7 @@ class CompiledConvNeXtV2:
         # Every segment of every CompiledConvNeXtV2 is one more graph of the one code object
         # _Segment.forward; dynamo's default limits (8 per code object or region, 256 in all) would
         # quietly run the rest eagerly.
-        with inductor_config.patch(freezing=True, cpp_wrapper=on_cpu, max_autotune=on_cpu,
+        with inductor_config.patch(freezing=True, cpp_wrapper=on_cpu, max_autotune=on_cpu and self.autotune,
                                    max_autotune_gemm_backends="CPP,ATEN", autotune_num_choices_displayed=0,
                                    max_autotune_report_choices_stats=False, **cpu_only), \
                 torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT,

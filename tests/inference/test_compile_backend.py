@@ -48,7 +48,7 @@ def test_micro_batched_segments_match_eager_fp32():
             p.normal_(0, 0.1)
     x = torch.randn(4, 3, 64, 64)
     # 256 rows: stage 1 (16 x 16 positions) one image at a time, the other stages all four at once
-    runner = CompiledConvNeXtV2(model, rows=256)
+    runner = CompiledConvNeXtV2(model, rows=256, autotune=False)  # segments, not kernel choice, are tested
     assert runner.plan(x) == [(0, 0, 1), (1, 3, 4)]
     with torch.inference_mode():
         ref = model(x)
@@ -153,7 +153,7 @@ def test_runners_of_equal_shape_keep_their_own_graphs_and_recompile_for_a_new_sh
     # runners of the same architecture and input shape must still each run the graph of their own
     # weights, and a new batch size must compile a new graph rather than reuse one of another shape.
     models = [_random_tiny_model(seed) for seed in (1, 2)]
-    runners = [CompiledConvNeXtV2(m) for m in models]
+    runners = [CompiledConvNeXtV2(m, autotune=False) for m in models]  # guards, not kernel choice, are tested
     x = torch.randn(3, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         for _ in range(2):  # the second round runs the cached graphs
