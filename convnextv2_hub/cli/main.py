@@ -68,7 +68,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         force_download=args.force_download,
     )
     # No batch larger than the images given: a compiled graph for 16 would pad one photo to 16.
-    predictor = Predictor(model, backend=args.backend, batch_size=min(args.batch_size, len(images)))
+    predictor = Predictor(model, backend=args.backend, batch_size=min(args.batch_size, len(images)),
+                          progress=lambda line: print(line, file=sys.stderr, flush=True))
     preds = predictor.classify(images, topk=args.topk)
     if args.json:
         print(json.dumps(

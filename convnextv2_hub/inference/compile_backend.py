@@ -19,6 +19,7 @@ application are GRN's own (``GRN.scale_by_norm``).
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import Dict, List, Tuple
 
 import torch
@@ -38,6 +39,18 @@ ROWS_PER_CHUNK = 3136
 RECOMPILE_LIMIT = 256
 # torch >= 2.14: each torch.compile call can keep its graphs apart from other calls' (isolate_recompiles).
 _CAN_ISOLATE = "isolate_recompiles" in inspect.signature(torch.compile).parameters
+
+
+class _NoCudaNoteFilter(logging.Filter):
+    """Drops torch's "No CUDA runtime is found" note, which inductor's C++ builds trigger on any machine
+    with a CUDA toolkit but no GPU: it reads like an error to someone compiling for the CPU, and nothing
+    here needs CUDA."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No CUDA runtime is found" not in record.getMessage()
+
+
+logging.getLogger("torch.utils.cpp_extension").addFilter(_NoCudaNoteFilter())
 
 
 def stage_micro_batches(n: int, height: int, width: int, device_type: str = "cpu",

@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 import copy
+import logging
 import os
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -280,7 +282,13 @@ class Predictor:
       turns out slower, as on tiny inputs). It switches a batch size to the
       expensive-to-start path (torch.compile where bf16 is native or on GPU, ONNX Runtime on fp32-only
       CPUs) once the time it has already saved against eager fp32 pays for the start-up cost estimate:
-      so a short CLI run never pays a compile, and a long batch job compiles early.
+      so a short CLI run never pays a compile, and a long batch job compiles early. The slow start
+      runs in a background thread while the calls go on being served by the eager path; the first call
+      after it is ready switches (``background=False``: the call that crosses the estimate waits for it).
+
+    ``warmup()`` builds the compiled graph (or ONNX session) for a batch size ahead of time, so a
+    service's first requests do not wait for it. ``progress`` (e.g. ``print``) receives a line when a
+    slow start begins and ends (without it, the lines go to the ``convnextv2_hub`` logger at INFO).
 
     bf16 logits keep cosine similarity >= 0.999 with fp32 (tested); int8 is export-only (opt-in).
     """
@@ -297,6 +305,8 @@ class Predictor:
         checkpoint_path: Union[str, os.PathLike, None] = None,
         num_classes: Optional[int] = None,
         transform: Optional[Callable] = None,
+        background: bool = True,
+        progress: Optional[Callable[[str], Any]] = None,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
@@ -348,10 +358,16 @@ class Predictor:
         elif channels_last:
             self._model = self._model.to(memory_format=torch.channels_last)
         self._compiled: Optional["CompiledConvNeXtV2"] = None
+        self._compiled_shapes: set = set()
         self._ort: Any = None
         self._setup_estimate_s = self._estimate_setup()
         # auto's per-batch-size bookkeeping: fp32 time per image, seconds saved, switched or not
         self._stats: Dict[int, Dict[str, float]] = {}
+        self.background = background
+        self._progress = progress
+        # auto's slow starts in flight or done, per batch size: the thread and its error, if any
+        self._preparing: Dict[int, Tuple[threading.Thread, List[BaseException]]] = {}
+        self._setup_lock = threading.Lock()
         if backend == "onnxruntime":
             self._ort = self._make_ort()
 
@@ -382,6 +398,21 @@ class Predictor:
                 warnings.warn(f"{pred.source}: {pred.error}", stacklevel=2)
             out.append(pred.topk)
         return out
+
+    def warmup(self, batch_size: Optional[int] = None, image_size: Optional[int] = None) -> None:
+        """Build the expensive-to-start path for ``batch_size`` (default: the predictor's) now: the
+        compiled graph (``compile``, or ``auto`` where it compiles) or the ONNX session (``onnxruntime``,
+        or ``auto`` on fp32-only CPUs). ``auto`` then uses it from its first call of that size on."""
+        n = batch_size or self.batch_size
+        size = image_size or (self.checkpoint.resolution if self.checkpoint is not None else 224)
+        example = torch.zeros(n, 3, size, size)
+        if self.backend == "eager":
+            return
+        kind = "onnxruntime" if self.backend == "onnxruntime" else (
+            "compile" if self.backend == "compile" else self._slow_start_kind())
+        self._prepare(kind, example)
+        if self.backend == "auto":
+            self._stats[n] = {"fp32_s": 0.0, "saved_s": 0.0, "switched": 1.0, "fp32_is_faster": 0.0}
 
     @property
     def active_path(self) -> str:
@@ -425,13 +456,42 @@ class Predictor:
             return model(self._prepare_input(x, False)).float()
 
     def _run_compiled(self, x: torch.Tensor) -> torch.Tensor:
-        if self._compiled is None:
-            from .compile_backend import CompiledConvNeXtV2
-
-            self._compiled = CompiledConvNeXtV2(self._model)
+        shape = tuple(x.shape)
+        if shape not in self._compiled_shapes:
+            self._prepare("compile", x)
         self._last_path = f"compile {self.precision}{' channels_last' if self.channels_last else ''}"
         with torch.inference_mode(), self._autocast():
             return self._compiled(self._prepare_input(x, self.channels_last)).float()
+
+    def _prepare(self, kind: str, example: torch.Tensor) -> None:
+        """Build the slow-start path ``kind`` for ``example``'s shape (any thread), saying so."""
+        with self._setup_lock:
+            what = (f"compiling the model for batch {example.shape[0]} at {example.shape[-2]}x{example.shape[-1]} "
+                    f"({self.precision}; done once per batch size, the first time may take minutes on a CPU)"
+                    if kind == "compile" else "exporting the model to ONNX Runtime")
+            if kind == "compile" and tuple(example.shape) in self._compiled_shapes:
+                return
+            if kind == "onnxruntime" and self._ort is not None:
+                return
+            self._say(f"{what} ...")
+            t0 = time.perf_counter()
+            if kind == "onnxruntime":
+                self._ort = self._make_ort()
+            else:
+                if self._compiled is None:
+                    from .compile_backend import CompiledConvNeXtV2
+
+                    self._compiled = CompiledConvNeXtV2(self._model)
+                with torch.inference_mode(), self._autocast():
+                    self._compiled(self._prepare_input(example, self.channels_last))
+                self._compiled_shapes.add(tuple(example.shape))
+            self._say(f"{kind} ready after {time.perf_counter() - t0:.1f} s")
+
+    def _say(self, line: str) -> None:
+        if self._progress is not None:
+            self._progress(f"convnextv2_hub: {line}")
+        else:
+            logging.getLogger("convnextv2_hub").info(line)
 
     def _make_ort(self) -> Any:
         import tempfile
@@ -467,14 +527,12 @@ class Predictor:
             return out
         if st["switched"]:
             return self._run_compiled(x) if kind == "compile" else self._run_ort(x)
-        t0 = time.perf_counter()
-        if st["saved_s"] >= self._setup_estimate_s:
-            # The time saved so far pays for the start-up: switch (this call includes the start-up).
+        if st["saved_s"] >= self._setup_estimate_s and self._slow_start_ready(kind, x):
+            # The time saved so far pays for the start-up, and the start-up is done: switch.
             st["switched"] = 1.0
-            if kind == "onnxruntime" and self._ort is None:
-                self._ort = self._make_ort()
-            out = self._run_compiled(x) if kind == "compile" else self._run_ort(x)
-        elif st["fp32_is_faster"] or (self.precision == "fp32" and not self.channels_last):
+            return self._run_compiled(x) if kind == "compile" else self._run_ort(x)
+        t0 = time.perf_counter()
+        if st["fp32_is_faster"] or (self.precision == "fp32" and not self.channels_last):
             out = self._run_fp32_reference(x)  # nothing cheaper to run before the switch
         else:
             out = self._run_eager(x)
@@ -485,6 +543,46 @@ class Predictor:
             st["fp32_is_faster"] = 1.0
         st["saved_s"] += st["fp32_s"] - elapsed
         return out
+
+    def _slow_start_ready(self, kind: str, x: torch.Tensor) -> bool:
+        """Whether ``kind`` can serve ``x``'s batch size; starts preparing it (in a background thread
+        unless ``background=False``) the first time it is asked. A failed start is reported once and
+        leaves the batch size on the eager path for good."""
+        n = x.shape[0]
+        if n not in self._preparing:
+            errors: List[BaseException] = []
+            example = x.detach().to("cpu", copy=True) if self.device.type == "cpu" else x.detach().clone()
+
+            def work() -> None:
+                try:
+                    self._prepare(kind, example)
+                except Exception as exc:  # reported on the serving thread, which carries on eagerly
+                    errors.append(exc)
+
+            thread = threading.Thread(target=work, name=f"convnextv2_hub-{kind}-{n}", daemon=True)
+            self._preparing[n] = (thread, errors)
+            if self.background:
+                self._say(f"auto: preparing {kind} for batch {n} in the background; serving on the eager path meanwhile")
+                thread.start()
+            else:
+                thread.run()
+        thread, errors = self._preparing[n]
+        if thread.is_alive():
+            return False
+        if errors:
+            if not self._stats[n].get("failed"):
+                self._stats[n]["failed"] = 1.0
+                warnings.warn(f"convnextv2_hub: auto could not prepare {kind} for batch {n} "
+                              f"({type(errors[0]).__name__}: {errors[0]}); staying on the eager path", RuntimeWarning)
+            return False
+        return True
+
+    def wait_until_ready(self, timeout: Optional[float] = None) -> bool:
+        """Wait for ``auto``'s background starts; True when none is still running."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread, _ in list(self._preparing.values()):
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t, _ in self._preparing.values())
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

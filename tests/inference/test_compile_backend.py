@@ -1,4 +1,5 @@
 """The compile backend's micro-batch plan, and its micro-batched segments against eager fp32."""
+import logging
 import shutil
 
 import pytest
@@ -161,3 +162,11 @@ def test_runners_of_equal_shape_keep_their_own_graphs_and_recompile_for_a_new_sh
                 assert (runner(x) - model(x)).abs().max() <= 1e-4
             assert (runners[0](x[:1]) - models[0](x[:1])).abs().max() <= 1e-4
         assert (runners[0](x) - runners[1](x)).abs().max() > 1e-2  # the two models really differ
+
+
+def test_the_misleading_no_cuda_note_of_cpu_builds_is_dropped_and_nothing_else(caplog):
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    with caplog.at_level(logging.WARNING, logger="torch.utils.cpp_extension"):
+        logger.warning("No CUDA runtime is found, using CUDA_HOME='%s'", "/usr/local/cuda")
+        logger.warning("a real problem")
+    assert [r.getMessage() for r in caplog.records] == ["a real problem"]

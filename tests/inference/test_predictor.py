@@ -75,7 +75,7 @@ def test_backend_agrees_with_eager_and_model_is_unchanged(model, batch, backend,
 
 def test_auto_is_safe_and_switches_when_it_pays_off(model, batch):
     ref = _reference(model, batch)
-    p = Predictor(model, backend="auto", batch_size=3)
+    p = Predictor(model, backend="auto", batch_size=3, background=False)
     expected = "bf16" if cpu_has_native_bf16() else "fp32"
     assert p.precision == expected
     first = p(batch)  # calibration batch: exactly eager fp32
@@ -86,6 +86,53 @@ def test_auto_is_safe_and_switches_when_it_pays_off(model, batch):
     out = p(batch)
     assert p.active_path.startswith("compile" if expected == "bf16" else "onnxruntime")
     assert _cosine(out, ref) >= 0.999
+
+
+@pytest.fixture
+def ort_auto(monkeypatch):
+    # ONNX Runtime as auto's slow start on every CPU kind: a second to start instead of a compile.
+    monkeypatch.setattr(Predictor, "_slow_start_kind", lambda self: "onnxruntime")
+
+
+def test_auto_prepares_in_the_background_and_then_gives_the_synchronous_results(model, batch, ort_auto):
+    lines = []
+    background = Predictor(model, backend="auto", batch_size=3, progress=lines.append)
+    synchronous = Predictor(model, backend="auto", batch_size=3, background=False)
+    for p in (background, synchronous):
+        p(batch)  # calibration
+        p._setup_estimate_s = float("-inf")  # pretend the start-up is already paid for
+    served = background(batch)  # starts the export in a thread, answers from the eager path
+    assert background.active_path.startswith("eager")
+    assert torch.equal(served, background._run_eager(batch) if background.precision != "fp32"
+                       else background._run_fp32_reference(batch))
+    assert background.wait_until_ready(timeout=120)
+    out_bg, out_sync = background(batch), synchronous(batch)
+    assert background.active_path == synchronous.active_path == "onnxruntime fp32"
+    assert torch.equal(out_bg, out_sync)
+    assert any("in the background" in line for line in lines) and any("ready after" in line for line in lines)
+
+
+def test_auto_that_cannot_prepare_warns_once_and_stays_eager(model, batch, ort_auto, monkeypatch):
+    def broken(self):
+        raise RuntimeError("no ONNX for you")
+
+    monkeypatch.setattr(Predictor, "_make_ort", broken)
+    p = Predictor(model, backend="auto", batch_size=3)
+    ref = p(batch)
+    p._setup_estimate_s = float("-inf")
+    with pytest.warns(RuntimeWarning, match="no ONNX for you") as caught:
+        p(batch)
+        assert p.wait_until_ready(timeout=60)
+        outs = [p(batch) for _ in range(2)]
+    assert sum("no ONNX for you" in str(w.message) for w in caught) == 1  # said once, not per call
+    assert p.active_path.startswith("eager") and all(_cosine(out, ref) >= 0.999 for out in outs)
+
+
+def test_warmup_builds_the_slow_path_ahead_of_the_first_call(model, batch, ort_auto):
+    p = Predictor(model, backend="auto", batch_size=3)
+    p.warmup(image_size=SIZE)
+    p(batch)
+    assert p.active_path == "onnxruntime fp32"
 
 
 def test_predict_matches_classify(model, photos):
