@@ -170,3 +170,20 @@ def test_the_misleading_no_cuda_note_of_cpu_builds_is_dropped_and_nothing_else(c
         logger.warning("No CUDA runtime is found, using CUDA_HOME='%s'", "/usr/local/cuda")
         logger.warning("a real problem")
     assert [r.getMessage() for r in caplog.records] == ["a real problem"]
+
+
+@pytest.mark.parametrize("switches", [dict(block="v1"), dict(grn="se"), dict(grn_aggregation="l1"),
+                                      dict(grn_form="x_g")])
+def test_cpu_block_forward_takes_the_ablation_switches(switches):
+    # The compiled CPU forms (two-step GRN, poly GELU) on blocks of models.ablations: still Block.forward.
+    torch.manual_seed(0)
+    block = ConvNeXtV2(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), **switches).stages[1][0]
+    with torch.no_grad():
+        for name, p in block.named_parameters():
+            if name.endswith(("gamma", "beta")):
+                p.normal_(0, 1)
+    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = cpu_block_forward(block, x, dwconv_ln_kernel=False)
+        ref = block(x)
+    assert (out - ref).abs().max() <= 1e-3 * max(1.0, ref.abs().max().item())
