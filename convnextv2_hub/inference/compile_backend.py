@@ -181,6 +181,21 @@ class _Segment(nn.Module):
         return self.model.forward_head(x) if self.last == 3 else x
 
 
+def before_compiling_in_another_thread() -> None:
+    """Call on the thread that goes on running eager modules while another thread compiles.
+
+    ``torch.fx.symbolic_trace`` patches ``nn.Module.__call__`` for the whole process while it traces, so
+    an eager module called from any thread at that moment is taken for part of the traced function and
+    fails (NameError: module is not installed as a submodule). Inductor runs such a trace once per
+    process, lazily, while it generates loops; running it here, first, leaves none for the compile."""
+    try:
+        from torch._inductor.loop_body import InterpreterShim
+
+        InterpreterShim._dummy_gm()
+    except (ImportError, AttributeError):  # another torch: its compile may not trace this way
+        pass
+
+
 class CompiledConvNeXtV2:
     """``torch.compile`` (inductor, frozen weights, static shapes) of an eval-mode ConvNeXtV2 with a
     classifier head, run in micro-batched segments (see the module docstring).

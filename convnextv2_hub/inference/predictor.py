@@ -563,6 +563,10 @@ class Predictor:
             self._preparing[n] = (thread, errors)
             if self.background:
                 self._say(f"auto: preparing {kind} for batch {n} in the background; serving on the eager path meanwhile")
+                if kind == "compile":
+                    from .compile_backend import before_compiling_in_another_thread
+
+                    before_compiling_in_another_thread()
                 thread.start()
             else:
                 thread.run()
