@@ -458,14 +458,14 @@ class PushableHub:
         self.fail_commits = 0
         self.tokens: list[str] = []
         self.url = ""
+        self.server: LoopbackServer | None = None
 
     # -- repo state ------------------------------------------------------------------------------------
     def head(self, repo: str) -> dict[str, bytes]:
         return self.files[self.commits[repo][-1]]
 
     def _commit(self, repo: str, files: dict[str, bytes]) -> str:
-        oid = hashlib.sha1(json.dumps([repo, len(self.commits.get(repo, [])), sorted(
-            (k, hashlib.sha256(v).hexdigest()) for k, v in files.items())]).encode()).hexdigest()
+        oid = hashlib.sha1(f"{repo}@{len(self.commits.get(repo, []))}".encode()).hexdigest()
         self.commits.setdefault(repo, []).append(oid)
         self.files[oid] = files
         return oid
@@ -557,7 +557,8 @@ class PushableHub:
 def pushable_hub(servers, hf_env, monkeypatch) -> PushableHub:
     """A ``PushableHub`` on loopback, with HF_ENDPOINT pointing at it and a dummy HF_TOKEN (fresh HF_HOME)."""
     hub = PushableHub()
-    hub.url = servers(hub).url
+    hub.server = servers(hub)
+    hub.url = hub.server.url
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     monkeypatch.setenv("HF_TOKEN", "hf_loopback_test_token")
     return hub
