@@ -191,7 +191,8 @@ def _files_section(config: Mapping[str, Any]) -> List[str]:
     weights = config["weights"]
     lines = ["## Files", "", f"- `{weights['file']}`, `config.json`: convnextv2-hub (sha256 {weights['sha256']})"]
     for fmt, where in sorted((config.get("peer_formats") or {}).items()):
-        lines.append(f"- `{where}`: the same weights for {'timm' if fmt == 'timm' else 'transformers'}")
+        shown = where if where.endswith(".safetensors") else f"{where}/"
+        lines.append(f"- `{shown}`: the same weights for {'timm' if fmt == 'timm' else 'transformers'}")
     return lines + ["", "All files are uploaded in one commit; `config.json` states the sha256 of the weights, "
                         "and convnextv2-hub refuses weights that do not match it.", ""]
 

@@ -17,6 +17,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 RUN_WEIGHTS = ("checkpoint-last.safetensors", "checkpoint-last-ema.safetensors")  # what convnextv2-train writes
 DERIVED_KEYS = ("lr", "update_freq")  # computed per run from blr and eff_batch_size: reported, not "changed"
+# Settings of the process, not of the training: they do not change the weights, so the card leaves them out.
+RUNTIME_KEYS = ("num_workers", "log_interval", "tensorboard", "save_ckpt_freq", "save_ckpt_steps", "pin_mem",
+                "dist_eval")
 
 
 def add_push_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> argparse.ArgumentParser:
@@ -156,7 +159,8 @@ def _model_and_card(weights: Path, facts: Optional[Dict[str, Any]], repo: str, l
 
 
 def _overrides(run: Dict[str, Any], cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """Config keys whose value in the run differs from the recipe's (the user's --set, mostly)."""
+    """Config keys whose value in the run differs from the recipe's (the user's --set, mostly), except the
+    derived, per-device and runtime ones."""
     from ..checkpoints.registry import parse_model_name
     from ..train import config as C
 
@@ -164,7 +168,9 @@ def _overrides(run: Dict[str, Any], cfg: Dict[str, Any]) -> Dict[str, Any]:
         recipe, _ = C.resolve("finetune", parse_model_name(run["model"])[0], run.get("recipe"), {}, None)
     except (ValueError, KeyError, OSError):  # a recipe file since moved, a run of an older version
         return {}
-    return {k: v for k, v in cfg.items() if k not in DERIVED_KEYS and k in recipe and recipe[k] != v}
+    # A recipe value of None is decided per run (device defaults such as channels_last): not a change.
+    return {k: v for k, v in cfg.items() if k not in DERIVED_KEYS + RUNTIME_KEYS and recipe.get(k) is not None
+            and recipe[k] != v}
 
 
 __all__: List[str] = ["RUN_WEIGHTS", "add_push_parser", "run_push"]
