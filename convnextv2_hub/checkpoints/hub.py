@@ -170,6 +170,9 @@ def load_pretrained(cls: Type[M], source: Union[str, os.PathLike], *, pretrained
     if Path(text).is_dir():
         config, weights = local_folder(text)
         name, repo = str(Path(text).resolve()), None
+    elif not text.lower().startswith(HUB_PREFIXES) and (text.startswith((".", "~")) or os.path.isabs(text)
+                                                         or text.count("/") > 1):
+        raise FileNotFoundError(f"{text}: no such folder (a repo folder of save_pretrained, or a Hub repo OWNER/NAME)")
     else:
         repo = hub_repo_id(text if text.lower().startswith(HUB_PREFIXES) else f"hf-hub:{text}") or text
         config, weights = pull(repo, revision=revision, weights=pretrained, force=force, progress=progress,
