@@ -8,13 +8,13 @@ import json
 
 import huggingface_hub
 import torch
+from conftest import tiny_finetune_argv, write_digits
 
 import convnextv2_hub as cvh
 from convnextv2_hub.cli.export import main as export_main
 from convnextv2_hub.cli.main import main as cli_main
 from convnextv2_hub.cli.train import main as train_main
 from convnextv2_hub.inference.export import read_metadata
-from conftest import tiny_finetune_argv, write_digits
 
 NAMES = {"0": "zero", "1": "one", "7": "seven"}
 

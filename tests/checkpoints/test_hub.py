@@ -105,7 +105,7 @@ def test_config_and_card_field_by_field(atto3, tmp_path):
 
 def _code_block(text: str, after: str) -> str:
     """The first ```python block following the line ``after`` in the card."""
-    return re.search(re.escape(after) + r".*?```python\n(.*?)```", text, re.S).group(1)
+    return re.search(re.escape(after) + r".*?```python\n(.*?)```", text, re.DOTALL).group(1)
 
 
 def test_peer_subfolders_load_in_timm_and_transformers_as_the_card_says(pushable_hub, atto3, tmp_path, monkeypatch):
