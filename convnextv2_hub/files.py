@@ -172,6 +172,41 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     _fsync(path.parent, directory=True)  # persist the rename itself
 
 
+@contextlib.contextmanager
+def atomic_folder(path: PathLike) -> Iterator[Path]:
+    """Yield a new empty folder beside ``path``; when the block succeeds, every file in it (subfolders
+    too) is fsynced and it is renamed to ``path`` (replacing what was there), so ``path`` is never a
+    half-written folder. On error the temporary folder is removed and ``path`` left as it was."""
+    import shutil
+
+    path = Path(path)
+    tmp = temp_path(path)
+    tmp.mkdir()
+    old: Optional[Path] = None
+    try:
+        yield tmp
+        for f in sorted(tmp.rglob("*")):
+            _fsync(f, directory=f.is_dir())
+        if path.exists() or path.is_symlink():
+            # A folder cannot be renamed over a non-empty one: move the old aside first, remove it after.
+            old = temp_path(path)
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not path.exists():
+            os.replace(old, path)  # the rename into place failed: put the old one back
+        if is_disk_full(e) and not isinstance(e, DiskFullError):
+            raise _disk_full_error(path) from e
+        raise
+    _fsync(path.parent, directory=True)
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
+
+
 def atomic_write(path: PathLike, write: Callable[[IO[Any]], Any], text: bool = False) -> None:
     """``write(f)`` into a new file at ``path`` atomically; ``text=True`` opens it as UTF-8 text
     without newline translation (what the csv module wants)."""

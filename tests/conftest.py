@@ -71,6 +71,9 @@ class LoopbackServer:
             def do_GET(self) -> None:
                 self._handle("GET")
 
+            def do_POST(self) -> None:
+                self._handle("POST")
+
             def log_message(self, *args: object) -> None:  # keep test output quiet
                 pass
 
@@ -420,3 +423,142 @@ class FullAfter:
     def flush(self) -> None:
         self.f.flush()
 
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A loopback Hub that takes pushes (tests/checkpoints/test_hub.py, tests/test_whole_loop.py)
+# ----------------------------------------------------------------------------------------------------------
+
+import base64  # noqa: E402
+import json  # noqa: E402
+
+
+class PushableHub:
+    """The Hub endpoints huggingface_hub calls for ``create_repo``, ``create_commit`` / ``upload_folder`` and
+    ``hf_hub_download`` (their requests as huggingface_hub 2.4 sends them):
+
+    - ``POST /api/repos/create``: a new repo gets a first commit holding ``.gitattributes``; an existing one
+      answers 409 with the same JSON (what ``exist_ok=True`` expects).
+    - ``POST /api/validate-yaml``: accepted.
+    - ``POST /api/models/R/preupload/REV``: every file ``regular`` (so no Xet or LFS transfer is needed).
+    - ``POST /api/models/R/commit/REV``: ndjson (header, ``file`` with base64 content, ``deletedFile``); a new
+      commit holds the previous files with these changes. ``fail_commits`` > 0 answers 500 that many times.
+    - ``GET /api/models/R/tree/REV``: the files of a revision (``list_repo_files``).
+    - ``HEAD``/``GET /R/resolve/REV/FILE``: ``X-Repo-Commit``, ``ETag`` (the sha256 for ``.safetensors``, as for
+      LFS files; the git blob sha1 otherwise), ``Content-Length``; 404 with ``X-Error-Code`` EntryNotFound,
+      RevisionNotFound or RepoNotFound.
+
+    ``commits[repo]`` lists the commit ids in order, ``files[commit]`` maps path -> bytes; ``tokens`` collects
+    the Authorization headers seen.
+    """
+
+    def __init__(self) -> None:
+        self.commits: dict[str, list[str]] = {}
+        self.files: dict[str, dict[str, bytes]] = {}
+        self.fail_commits = 0
+        self.tokens: list[str] = []
+        self.url = ""
+        self.server: LoopbackServer | None = None
+
+    # -- repo state ------------------------------------------------------------------------------------
+    def head(self, repo: str) -> dict[str, bytes]:
+        return self.files[self.commits[repo][-1]]
+
+    def _commit(self, repo: str, files: dict[str, bytes]) -> str:
+        oid = hashlib.sha1(f"{repo}@{len(self.commits.get(repo, []))}".encode()).hexdigest()
+        self.commits.setdefault(repo, []).append(oid)
+        self.files[oid] = files
+        return oid
+
+    # -- HTTP ------------------------------------------------------------------------------------------
+    def __call__(self, handler: http.server.BaseHTTPRequestHandler, method: str) -> None:
+        self.tokens.append(handler.headers.get("authorization", ""))
+        path = handler.path.split("?", 1)[0]
+        body = handler.rfile.read(int(handler.headers.get("Content-Length") or 0)) if method == "POST" else b""
+        if method == "POST" and path == "/api/repos/create":
+            req = json.loads(body)
+            repo = f"{req['organization']}/{req['name']}" if req.get("organization") else req["name"]
+            exists = repo in self.commits
+            if not exists:
+                self._commit(repo, {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"})
+            return self._json(handler, 409 if exists else 200, {"url": f"{self.url}/{repo}", "name": repo})
+        if method == "POST" and path == "/api/validate-yaml":
+            return self._json(handler, 200, {})
+        if path.startswith("/api/models/"):
+            return self._api(handler, method, path[len("/api/models/"):], body)
+        repo, sep, rest = path.lstrip("/").partition("/resolve/")
+        if sep and method in ("HEAD", "GET"):
+            revision, _, filename = rest.partition("/")
+            return self._resolve(handler, method, repo, revision, filename)
+        self._json(handler, 404, {"error": f"not served by the mock hub: {method} {path}"})
+
+    def _api(self, handler, method: str, rest: str, body: bytes) -> None:
+        parts = rest.split("/")
+        repo, action = "/".join(parts[:2]), parts[2] if len(parts) > 2 else ""
+        if repo not in self.commits:
+            return self._json(handler, 404, {"error": "Repository not found"}, code="RepoNotFound")
+        if method == "POST" and action == "preupload":
+            files = json.loads(body)["files"]
+            return self._json(handler, 200, {"files": [
+                {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None} for f in files]})
+        if method == "POST" and action == "commit":
+            if self.fail_commits > 0:
+                self.fail_commits -= 1
+                return self._json(handler, 500, {"error": "Internal Error (mock hub: commit refused)"})
+            files = dict(self.head(repo))
+            for line in body.decode().splitlines():
+                op = json.loads(line)
+                if op["key"] == "file":
+                    files[op["value"]["path"]] = base64.b64decode(op["value"]["content"])
+                elif op["key"] == "deletedFile":
+                    files.pop(op["value"]["path"], None)
+            oid = self._commit(repo, files)
+            return self._json(handler, 200, {"commitOid": oid, "commitUrl": f"{self.url}/{repo}/commit/{oid}"})
+        if method == "GET" and action == "tree":
+            files = self.head(repo)
+            return self._json(handler, 200, [{"type": "file", "path": k, "size": len(v),
+                                              "oid": hashlib.sha1(v).hexdigest()} for k, v in sorted(files.items())])
+        return self._json(handler, 404, {"error": f"not served by the mock hub: {action}"})
+
+    def _resolve(self, handler, method: str, repo: str, revision: str, filename: str) -> None:
+        if repo not in self.commits:
+            return self._json(handler, 404, {}, code="RepoNotFound", body=False)
+        commit = self.commits[repo][-1] if revision == "main" else revision
+        if commit not in self.files:
+            return self._json(handler, 404, {}, code="RevisionNotFound", body=False)
+        data = self.files[commit].get(filename)
+        if data is None:
+            return self._json(handler, 404, {}, code="EntryNotFound", body=False)
+        etag = (hashlib.sha256(data).hexdigest() if filename.endswith(".safetensors")
+                else hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest())
+        handler.send_response(200)
+        handler.send_header("X-Repo-Commit", commit)
+        handler.send_header("ETag", f'"{etag}"')
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        if method == "GET":
+            handler.wfile.write(data)
+
+    @staticmethod
+    def _json(handler, status: int, obj, code: str = "", body: bool = True) -> None:
+        data = json.dumps(obj).encode() if body else b""
+        handler.send_response(status)
+        if code:
+            handler.send_header("X-Error-Code", code)
+            handler.send_header("X-Error-Message", f"{code} (mock hub)")
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        if data and handler.command != "HEAD":
+            handler.wfile.write(data)
+
+
+@pytest.fixture
+def pushable_hub(servers, hf_env, monkeypatch) -> PushableHub:
+    """A ``PushableHub`` on loopback, with HF_ENDPOINT pointing at it and a dummy HF_TOKEN (fresh HF_HOME)."""
+    hub = PushableHub()
+    hub.server = servers(hub)
+    hub.url = hub.server.url
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_TOKEN", "hf_loopback_test_token")
+    return hub

@@ -66,9 +66,13 @@ __all__ = [
     "DownloadAttempt",
     "discard_cached_file",
     "download_checkpoint",
+    "HubFileNotFoundError",
+    "download_hub_file",
     "fallback_cache_dir",
     "hub_cache_dir",
+    "hub_endpoint",
     "offline_mode",
+    "sha256_file",
 ]
 
 TIMEOUT_ENV = "CONVNEXTV2_HUB_TIMEOUT"
@@ -174,7 +178,7 @@ def offline_mode() -> bool:
     return bool(getattr(constants, "HF_HUB_OFFLINE", False))
 
 
-def _endpoint() -> Optional[str]:
+def hub_endpoint() -> Optional[str]:
     """``HF_ENDPOINT`` from the current environment; None lets huggingface_hub use its own default."""
     value = os.environ.get("HF_ENDPOINT", "").strip()
     return value.rstrip("/") or None
@@ -266,10 +270,10 @@ def _failure(ckpt: _CheckpointLike, attempts: list[DownloadAttempt], fallback_pa
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _hub_url(ckpt: _CheckpointLike, endpoint: Optional[str]) -> str:
+def _hub_url(repo_id: str, filename: str, endpoint: Optional[str], revision: Optional[str] = None) -> str:
     from huggingface_hub import hf_hub_url
 
-    return hf_hub_url(ckpt.hf_hub_id, ckpt.hf_hub_filename, endpoint=endpoint)
+    return hf_hub_url(repo_id, filename, endpoint=endpoint, revision=revision)
 
 
 def _proxy_configured(url: str) -> bool:
@@ -314,13 +318,15 @@ class _SilentTqdm(tqdm):
         super().__init__(*args, **kwargs)
 
 
-def _hub_download(ckpt: _CheckpointLike, *, endpoint: Optional[str], local_only: bool, force: bool,
-                  progress: bool, timeout: float) -> Path:
+def _hub_download(repo_id: str, filename: str, *, endpoint: Optional[str], local_only: bool, force: bool,
+                  progress: bool, timeout: float, revision: Optional[str] = None, token: Optional[str] = None) -> Path:
     from huggingface_hub import hf_hub_download
 
     kwargs: dict[str, Any] = dict(
-        repo_id=ckpt.hf_hub_id,
-        filename=ckpt.hf_hub_filename,
+        repo_id=repo_id,
+        filename=filename,
+        revision=revision,
+        token=token,
         cache_dir=str(hub_cache_dir()),
         endpoint=endpoint,
         local_files_only=local_only,
@@ -339,7 +345,8 @@ def _hub_download(ckpt: _CheckpointLike, *, endpoint: Optional[str], local_only:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Union[str, "os.PathLike[str]"]) -> str:
+    """The hex sha256 of a file's content, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(_CHUNK_SIZE), b""):
@@ -407,17 +414,19 @@ def _checkpoint_problem(path: Path, *, cheap_only: bool = False, suffix: str = "
     return None
 
 
-def _file_problem(path: Path, expected_sha256: Optional[str], stated_by: str, suffix: str = "") -> Optional[str]:
-    """Why ``path`` fails verification (sha256 against ``expected_sha256`` stated by ``stated_by``, else a
-    completeness check), or None. Results are remembered for unchanged files within this process."""
+def _file_problem(path: Path, expected_sha256: Optional[str], stated_by: str, suffix: str = "",
+                  checkpoint: bool = True) -> Optional[str]:
+    """Why ``path`` fails verification (sha256 against ``expected_sha256`` stated by ``stated_by``, else, for
+    a ``checkpoint``, a completeness check), or None. Results are remembered for unchanged files within this
+    process."""
     key = _file_key(path)
     if key in _VERIFIED:
         return None
     if expected_sha256:
-        actual = _sha256_file(path)
+        actual = sha256_file(path)
         if actual != expected_sha256.lower():
             return f"sha256 mismatch: expected {expected_sha256.lower()} ({stated_by}), got {actual}"
-    problem = _checkpoint_problem(path, cheap_only=bool(expected_sha256), suffix=suffix)
+    problem = _checkpoint_problem(path, cheap_only=bool(expected_sha256), suffix=suffix) if checkpoint else None
     if problem:
         return f"not a complete checkpoint: {problem}"
     _VERIFIED.add(key)
@@ -447,17 +456,23 @@ def discard_cached_file(path: Union[str, "os.PathLike[str]"]) -> None:
     _remove(path)
 
 
-def _check_hub_file(path: Path) -> None:
+def _check_hub_file(path: Path, stated: Optional[tuple[str, str]] = None, checkpoint: bool = True) -> None:
     """Verify a file returned by ``hf_hub_download``; on failure remove it from the Hub cache and raise.
 
     The blob's name is the ETag the Hub stated when it was downloaded: for LFS files (all weights) that is
     the sha256 of the content. A 40-hex git sha1 ETag, or a cache without symlinks (no blob name to read),
-    leaves the completeness check.
+    leaves the completeness check (for a ``checkpoint``). ``stated``: (sha256, who states it), a hash another
+    file of the repo gives for this one, checked as well.
     """
     blob = Path(os.path.realpath(path))
     etag = blob.name.lower() if blob.parent.name == "blobs" else ""
     expected = etag if _SHA256_RE.fullmatch(etag) else None
-    problem = _file_problem(blob, expected, "the sha256 the Hub states for it, its ETag", suffix=path.suffix)
+    problem = _file_problem(blob, expected, "the sha256 the Hub states for it, its ETag", suffix=path.suffix,
+                            checkpoint=checkpoint)
+    if problem is None and stated is not None and stated[0].lower() != expected:
+        actual = sha256_file(blob)
+        if actual != stated[0].lower():
+            problem = f"sha256 mismatch: expected {stated[0].lower()} ({stated[1]}), got {actual}"
     if problem is None:
         return
     _remove(path)
@@ -589,7 +604,7 @@ def download_checkpoint(ckpt: _CheckpointLike, *, progress: bool = True, force: 
     """
     timeout = _timeout()
     fallback_path = _fallback_path(ckpt)
-    hub_url = _hub_url(ckpt, _endpoint())
+    hub_url = _hub_url(ckpt.hf_hub_id, ckpt.hf_hub_filename, hub_endpoint())
     if offline_mode():
         return _from_caches_offline(ckpt, hub_url, fallback_path, force=force, progress=progress, timeout=timeout)
 
@@ -597,8 +612,8 @@ def download_checkpoint(ckpt: _CheckpointLike, *, progress: bool = True, force: 
     # 1. The Hub. If its host refuses connections, only the local Hub cache is consulted (what
     #    huggingface_hub itself does on connection errors, minus its ~25 s of retries).
     unreachable = _unreachable(hub_url, timeout)
-    path = _try_hub(ckpt, hub_url, attempts, unreachable=unreachable, force=force, progress=progress,
-                    timeout=timeout)
+    path = _try_hub(ckpt.hf_hub_id, ckpt.hf_hub_filename, hub_url, attempts, unreachable=unreachable, force=force,
+                    progress=progress, timeout=timeout)
     if path is not None:
         return path
 
@@ -620,9 +635,11 @@ def download_checkpoint(ckpt: _CheckpointLike, *, progress: bool = True, force: 
     return fallback_path
 
 
-def _try_hub(ckpt: _CheckpointLike, hub_url: str, attempts: list[DownloadAttempt], *, unreachable: Optional[str],
-             force: bool, progress: bool, timeout: float) -> Optional[Path]:
-    """The Hub's file, verified; None, with the reason added to ``attempts``, when the Hub cannot give one.
+def _try_hub(repo_id: str, filename: str, hub_url: str, attempts: list[DownloadAttempt], *,
+             unreachable: Optional[str], force: bool, progress: bool, timeout: float, revision: Optional[str] = None,
+             token: Optional[str] = None, check: Any = _check_hub_file, reraise: tuple = ()) -> Optional[Path]:
+    """The Hub's file, verified; None, with the reason added to ``attempts``, when the Hub cannot give one
+    (the exceptions of ``reraise`` propagate instead: a caller without a fallback tells them apart).
 
     A *cached* copy that fails verification is removed and downloaded once more when the Hub is reachable:
     the damage may be local (or from a download before files were verified) and the server fine. A fresh
@@ -630,13 +647,13 @@ def _try_hub(ckpt: _CheckpointLike, hub_url: str, attempts: list[DownloadAttempt
     """
     from huggingface_hub import try_to_load_from_cache
 
-    cached = try_to_load_from_cache(ckpt.hf_hub_id, ckpt.hf_hub_filename, cache_dir=str(hub_cache_dir()))
+    cached = try_to_load_from_cache(repo_id, filename, cache_dir=str(hub_cache_dir()), revision=revision)
     tries = 2 if isinstance(cached, str) and not force and unreachable is None else 1
     for attempt in range(tries):
         try:
-            path = _hub_download(ckpt, endpoint=_endpoint(), local_only=unreachable is not None, force=force,
-                                 progress=progress, timeout=timeout)
-            _check_hub_file(path)
+            path = _hub_download(repo_id, filename, endpoint=hub_endpoint(), local_only=unreachable is not None,
+                                 force=force, progress=progress, timeout=timeout, revision=revision, token=token)
+            check(path)
             if attempt:
                 warnings.warn(f"{attempts[-1].reason}: done, the new copy is verified", RuntimeWarning, stacklevel=3)
             return path
@@ -644,6 +661,8 @@ def _try_hub(ckpt: _CheckpointLike, hub_url: str, attempts: list[DownloadAttempt
             again = "; downloading it again" if attempt + 1 < tries else ""
             prefix = "cached file: " if attempt == 0 and tries == 2 else ""
             attempts.append(DownloadAttempt(_HUB_SOURCE, hub_url, f"{prefix}{exc.reason}{again}"))
+        except reraise:
+            raise
         except Exception as exc:  # any Hub failure (HTTP error, network, bad mirror response): use the fallback
             attempts.append(DownloadAttempt(_HUB_SOURCE, hub_url, unreachable or _describe(exc)))
             return None
@@ -671,8 +690,8 @@ def _from_caches_offline(ckpt: _CheckpointLike, hub_url: str, fallback_path: Pat
             "Unset HF_HUB_OFFLINE (or set it to 0) to allow downloads.",
         )
     try:
-        path = _hub_download(ckpt, endpoint=_endpoint(), local_only=True, force=False, progress=progress,
-                             timeout=timeout)
+        path = _hub_download(ckpt.hf_hub_id, ckpt.hf_hub_filename, endpoint=hub_endpoint(), local_only=True,
+                             force=False, progress=progress, timeout=timeout)
         _check_hub_file(path)
         return path
     except _VerificationFailed as exc:
@@ -692,3 +711,53 @@ def _from_caches_offline(ckpt: _CheckpointLike, hub_url: str, fallback_path: Pat
         f"Checkpoint {ckpt.name!r} is not cached (or its cached copy failed verification and was removed) and "
         "HF_HUB_OFFLINE is set, so nothing was downloaded. Unset HF_HUB_OFFLINE (or set it to 0) to download it.",
     )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Any file of a Hub repo (models pushed with ``convnextv2 push``): the same cache, mirror, offline mode and
+# verification, without an authors' URL to fall back on
+# --------------------------------------------------------------------------------------------------------------
+
+
+class HubFileNotFoundError(CheckpointDownloadError):
+    """The Hub (or the cache, offline) answered that the repo, the revision or the file does not exist."""
+
+
+def download_hub_file(repo_id: str, filename: str, *, revision: Optional[str] = None,
+                      stated_sha256: Optional[tuple[str, str]] = None, checkpoint: bool = True, force: bool = False,
+                      progress: bool = True, token: Optional[str] = None) -> Path:
+    """A verified local copy of ``filename`` in the Hub repo ``repo_id`` (through the Hub cache, ``HF_ENDPOINT``
+    and ``HF_HUB_OFFLINE`` exactly as ``download_checkpoint``), downloading it when needed.
+
+    Verified like a released checkpoint: against the sha256 the Hub states (its LFS ETag), a ``checkpoint``
+    also for completeness; ``stated_sha256`` = (sha256, who states it) is checked as well. A cached copy that
+    fails is removed and fetched once more (online). Raises ``HubFileNotFoundError`` when the repo, revision
+    or file does not exist (or, offline, is not cached), ``CheckpointDownloadError`` for anything else.
+    """
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    timeout = _timeout()
+    hub_url = _hub_url(repo_id, filename, hub_endpoint(), revision)
+    where = f"{filename} of {repo_id}" + (f" at revision {revision}" if revision else "")
+    offline = offline_mode()
+    if offline and force:
+        raise CheckpointDownloadError(f"Cannot download {where} again (force): HF_HUB_OFFLINE is set. Unset "
+                                      "HF_HUB_OFFLINE (or set it to 0) to allow downloads.", checkpoint=repo_id)
+    unreachable = "offline mode (HF_HUB_OFFLINE is set)" if offline else _unreachable(hub_url, timeout)
+    attempts: list[DownloadAttempt] = []
+    missing = (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+    try:
+        path = _try_hub(repo_id, filename, hub_url, attempts, unreachable=unreachable, force=force, progress=progress,
+                        timeout=timeout, revision=revision, token=token, reraise=missing,
+                        check=lambda f: _check_hub_file(f, stated_sha256, checkpoint))
+    except missing as exc:
+        raise HubFileNotFoundError(f"{where} does not exist on the Hub ({hub_url}): {_describe(exc)}",
+                                   checkpoint=repo_id) from exc
+    if path is not None:
+        return path
+    tried = "\n".join(f"  - {a.source}: {a.url}\n      -> {a.reason}" for a in attempts)
+    cause = ("it is not in the Hub cache and downloads are off" if offline or unreachable else "the Hub failed")
+    error = HubFileNotFoundError if offline else CheckpointDownloadError
+    raise error(f"Could not get {where}: {cause}.\nTried:\n{tried}\nWhat to do: check the repo name and your "
+                f"network, set HF_ENDPOINT to a reachable mirror, or unset HF_HUB_OFFLINE to download it "
+                f"(cache: {hub_cache_dir()}).", checkpoint=repo_id, attempts=attempts)

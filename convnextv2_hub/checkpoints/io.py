@@ -35,22 +35,19 @@ an HF ``from_pretrained`` folder, the authors' ``{'model': sd}`` ``.pt``).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import os
 import re
-import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
 
 import safetensors.torch
 import torch
 from torch import Tensor
 
-from ..files import PathLike, atomic_path, atomic_torch_save, temp_path
+from ..files import PathLike, atomic_folder, atomic_path, atomic_torch_save
 # Reading and layout conversion are part of this module's public API (``__all__``): re-exported here.
 from .formats import (
     FORMATS,
@@ -75,9 +72,12 @@ from .reading import (
     read_metadata,
     read_state_dict,
 )
-from ..models.convnextv2 import ConvNeXtV2
 from .registry import Checkpoint, get_checkpoint, label_names
 from ..models.variants import VARIANTS, variant_of
+
+if TYPE_CHECKING:
+    # Only named in annotations: ``models.convnextv2`` imports the Hub code, which imports this module.
+    from ..models.convnextv2 import ConvNeXtV2
 
 
 @dataclass
@@ -569,9 +569,16 @@ def _known_checkpoint(name: Optional[str]) -> Optional[Checkpoint]:
         return None
 
 
+def is_convnextv2(model: Any) -> bool:
+    """Whether ``model`` is a ``ConvNeXtV2`` (or a subclass), told by its class's lineage: this module cannot
+    import the class (``models.convnextv2`` reaches this module through its Hub methods)."""
+    return any(c.__name__ == "ConvNeXtV2" and c.__module__ == "convnextv2_hub.models.convnextv2"
+               for c in type(model).__mro__)
+
+
 def _check_writable(model: torch.nn.Module, fmt: str) -> None:
     """Refuse, saying what and why, a model the peer format ``fmt`` cannot hold."""
-    if not isinstance(model, ConvNeXtV2):
+    if not is_convnextv2(model):
         if hasattr(model, "encoder") and hasattr(model, "decoder"):
             raise ValueError(
                 f"an FCMAE model cannot be saved as {fmt}: its decoder, projection and mask token exist only in "
@@ -621,40 +628,10 @@ def _save_hf_folder(model: ConvNeXtV2, sd: Dict[str, Tensor], path: Path) -> Non
     tensors = to_hf(sd)
     if not has_head:  # ConvNextV2Model's own keys, as its save_pretrained writes them
         tensors = {k[len("convnextv2."):] if k.startswith("convnextv2.") else k: v for k, v in tensors.items()}
-    with _atomic_folder(path) as tmp:
+    with atomic_folder(path) as tmp:
         safetensors.torch.save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         for name, obj in (("config.json", config), ("preprocessor_config.json", processor)):
             (tmp / name).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-
-
-@contextlib.contextmanager
-def _atomic_folder(path: Path) -> Iterator[Path]:
-    """Yield a new empty folder beside ``path``; when the block succeeds, its files are fsynced and it is
-    renamed to ``path`` (replacing what was there), so ``path`` is never a half-written folder. On error
-    the temporary folder is removed and ``path`` left as it was."""
-    tmp = temp_path(path)
-    tmp.mkdir()
-    old: Optional[Path] = None
-    try:
-        yield tmp
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if path.exists() or path.is_symlink():
-            # A folder cannot be renamed over a non-empty one: move the old aside first, remove it after.
-            old = temp_path(path)
-            os.replace(path, old)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not path.exists():
-            os.replace(old, path)  # the rename into place failed: put the old one back
-        raise
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
 
 
 def timm_load_hint(path: PathLike, variant: str, num_classes: int) -> str:

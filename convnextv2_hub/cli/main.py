@@ -1,5 +1,5 @@
-"""The ``convnextv2`` command: list / info / predict, and the subcommands of ``cli.analyze``, ``cli.fcmae_show``
-and ``cli.convert``.
+"""The ``convnextv2`` command: list / info / predict, and the subcommands of ``cli.analyze``, ``cli.fcmae_show``,
+``cli.convert`` and ``cli.push``.
 
 Every subcommand imports what it runs when it runs, so ``convnextv2 --help`` answers without loading torch.
 """
@@ -15,6 +15,7 @@ from .analyze import add_analyze_parser
 from .arguments import add_weights_arguments
 from .convert import add_convert_parser
 from .fcmae_show import add_fcmae_show_parser
+from .push import add_push_parser
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -116,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_analyze_parser(sub)
     add_fcmae_show_parser(sub)
     add_convert_parser(sub)
+    add_push_parser(sub)
     return parser
 
 

@@ -4,6 +4,7 @@
     convnextv2-train finetune --model base --data /imagenet --output runs/ft --init runs/pt/checkpoint-last.safetensors
     convnextv2-train finetune --model tiny --data /my_folder --recipe finetune_in1k --set epochs=30 --set lr=1e-4
     convnextv2-train eval     --model tiny --pretrained --data /imagenet/val
+    convnextv2-train eval     --model hf-hub:OWNER/NAME --data /my_folder/val     (a model pushed with convnextv2 push)
     torchrun --nproc_per_node 8 --nnodes 2 ... -m convnextv2_hub.train finetune ...   (same flags)
     convnextv2-train recipes [NAME]     # list recipes, or print one
     convnextv2-train keys               # every config key with its default
@@ -23,7 +24,8 @@ from ..train import config as C
 
 
 def _add_common(p: argparse.ArgumentParser, mode: str) -> None:
-    p.add_argument("--model", required=True, help="variant (atto ... huge) or checkpoint name (tiny.fcmae_ft_in22k_in1k_384)")
+    p.add_argument("--model", required=True, help="variant (atto ... huge) or checkpoint name (tiny.fcmae_ft_in22k_in1k_384)"
+                   + ("; or hf-hub:OWNER/NAME, a model pushed with `convnextv2 push`" if mode == "eval" else ""))
     p.add_argument("--data", required=True, help="ImageFolder root with train/ and val/ (or train.txt / val.txt file lists)"
                    + ("; or a folder/list to evaluate directly" if mode == "eval" else ""))
     p.add_argument("--output", default=None, help="run folder (checkpoints, log.jsonl, eval.json, config.json)"
@@ -65,9 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _resolve(args: argparse.Namespace):
+    from ..checkpoints.hub import hub_repo_id, pull
     from ..checkpoints.registry import get_checkpoint, parse_model_name
 
-    variant, _ = parse_model_name(args.model)
+    repo = hub_repo_id(args.model) if args.command == "eval" else None
+    hub_config = pull(repo, weights=False)[0] if repo else None  # a pushed model: its config.json says the rest
+    variant = hub_config.variant if hub_config else parse_model_name(args.model)[0]
     overrides = C.parse_set(args.sets)
     for flag, key in ((args.num_workers, "num_workers"), (args.batch_size, "batch_size")):
         if flag is not None:
@@ -78,7 +83,8 @@ def _resolve(args: argparse.Namespace):
     base = {}
     if mode == "eval":
         # Evaluate at the checkpoint's own resolution unless told otherwise.
-        base["input_size"] = get_checkpoint(args.model).resolution
+        base["input_size"] = (hub_config.preprocessing["resolution"] if hub_config
+                              else get_checkpoint(args.model).resolution)
     recipe = getattr(args, "recipe", None)
     cfg, notes = C.resolve(mode, variant, recipe if mode != "eval" else None, overrides, base)
     return cfg, notes

@@ -182,9 +182,17 @@ def load_classifier(
     start of a fine-tune; classifying with it prints guesses. A pretrained name is checked against the
     manifest before anything is downloaded. ``create_kwargs`` go to ``create``.
     """
+    from ..checkpoints.hub import hub_repo_id
     from ..checkpoints.io import described_num_classes, load_checkpoint
     from ..models.factory import create
 
+    if checkpoint_path is None and hub_repo_id(name) is not None:
+        model = create(name, pretrained=True, **create_kwargs)  # a pushed model: its repo states its head
+        if num_classes is not None and num_classes != model.num_classes:
+            raise ValueError(f"{name} has a {model.num_classes}-class head, not {num_classes}: {_NEW_HEAD_ADVICE}")
+        if model.num_classes == 0:
+            raise ValueError(f"{name} is an encoder without a classifier head: fine-tune it (convnextv2-train) to classify")
+        return model
     if checkpoint_path is None:
         ckpt = get_checkpoint(name)
         wanted = ckpt.num_classes if num_classes is None else num_classes

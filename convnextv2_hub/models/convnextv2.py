@@ -9,6 +9,8 @@ the sparse (submanifold) convolution of the paper, with GRN statistics per image
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
@@ -253,6 +255,43 @@ class ConvNeXtV2(nn.Module):
             outs = self.forward_stages(x)
             return [outs[i] for i in self.out_indices]
         return self.forward_head(self.forward_features(x))
+
+    # --- Hugging Face Hub: the files `convnextv2 push` writes (huggingface_hub's ModelHubMixin API) ---------
+    def save_pretrained(self, save_directory: Union[str, "os.PathLike[str]"], *, formats: Sequence[str] = ("ours",),
+                        license: Optional[str] = None, repo_id: Optional[str] = None) -> Path:
+        """Write this model's Hub repo folder (``model.safetensors``, ``config.json``, ``README.md``; ``formats``
+        adds ``"timm"`` / ``"hf"`` subfolders), as ``convnextv2 push --dry-run`` does. The folder is written
+        whole or not at all; an existing one is replaced only when it is empty or a repo folder of ours.
+        ``license``: see ``checkpoints.model_card.choose_license`` (not recorded start: CC BY-NC 4.0 unless given)."""
+        from ..checkpoints.hub import default_card_info
+        from ..checkpoints.hub_folder import write_hub_folder
+
+        # Without repo_id the card's loading lines name OWNER/<folder name>, for the uploader to fill in.
+        name = repo_id or f"OWNER/{Path(save_directory).resolve().name or 'model'}"
+        return write_hub_folder(self, save_directory, default_card_info(name, license), formats, overwrite=True)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, "os.PathLike[str]"], *,
+                        revision: Optional[str] = None, force_download: bool = False, token: Optional[str] = None,
+                        **model_kwargs: Any) -> "ConvNeXtV2":
+        """The model of a repo folder (``save_pretrained``'s) or Hub repo (``OWNER/NAME``, ``hf-hub:OWNER/NAME``)
+        with its head, label names and preprocessing: the same model as ``create("hf-hub:OWNER/NAME",
+        pretrained=True)``. Downloads go through the Hub cache (``HF_HOME``, ``HF_ENDPOINT``, ``HF_HUB_OFFLINE``)
+        and are verified; ``model_kwargs`` go to the constructor (``drop_path_rate``, ``num_classes``, ...)."""
+        from ..checkpoints.hub import load_pretrained
+
+        return load_pretrained(cls, pretrained_model_name_or_path, revision=revision, force=force_download,
+                               token=token, **model_kwargs)
+
+    def push_to_hub(self, repo_id: str, *, private: Optional[bool] = None, token: Optional[str] = None,
+                    formats: Sequence[str] = ("ours",), license: Optional[str] = None,
+                    commit_message: str = "Upload model with convnextv2-hub") -> str:
+        """Upload this model's repo folder to ``repo_id`` in one commit (creating the repo, ``private`` when new)
+        and return the commit URL; ``token``: huggingface_hub's (``HF_TOKEN`` or ``hf auth login``) by default."""
+        from ..checkpoints.hub import default_card_info, push_model
+
+        return push_model(self, repo_id, info=default_card_info(repo_id, license), formats=formats, private=private,
+                          token=token, commit_message=commit_message)
 
 
 def _stage_keep(mask: torch.Tensor, scale: int, dtype: torch.dtype) -> torch.Tensor:

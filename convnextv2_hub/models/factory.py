@@ -8,8 +8,9 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
+from ..checkpoints.hub import hub_repo_id, load_pretrained
 from ..checkpoints.io import described_num_classes, load_checkpoint, read_arch
 from ..checkpoints.download import discard_cached_file, download_checkpoint, offline_mode
 from ..checkpoints.reading import CheckpointError, read_checkpoint_file
@@ -47,9 +48,17 @@ def create(
       ``grn_normalization``, ``grn_residual``, ``grn_form``; ``models.ablations.ArchOptions``). A
       ``checkpoint_path`` file of ours stores its switches and the model is built with them; a switch
       passed here that contradicts the file is an error. The released checkpoints are all the defaults.
+    - ``"hf-hub:OWNER/NAME"`` names a model pushed with ``convnextv2 push``: its ``config.json`` says what to
+      build; ``pretrained=True`` loads its weights, verified against it, with their head, label names and
+      preprocessing (same Hub cache, ``HF_ENDPOINT`` and ``HF_HUB_OFFLINE`` as the released checkpoints).
     - Downloaded files are verified before use. A cached file that turns out unreadable is removed and
       downloaded once more (not in offline mode); ``force_download=True`` downloads it again regardless.
     """
+    repo = hub_repo_id(name)
+    if repo is not None:  # a model pushed with `convnextv2 push`: its repo says what to build
+        arch = dict(drop_path_rate=drop_path_rate, head_init_scale=head_init_scale, features_only=features_only,
+                    out_indices=out_indices)
+        return _create_from_hub(repo, pretrained, num_classes, checkpoint_path, force_download, progress, arch)
     variant, tag = parse_model_name(name)
     ckpt: Checkpoint = get_checkpoint(name if tag else variant)
     if num_classes is None and checkpoint_path is not None:
@@ -75,6 +84,22 @@ def create(
         load_checkpoint(model, checkpoint_path)
     elif pretrained:
         _load_pretrained(model, ckpt, progress=progress, force=force_download)
+    return model
+
+
+def _create_from_hub(repo: str, pretrained: bool, num_classes: Optional[int],
+                     checkpoint_path: Union[str, os.PathLike, None], force: bool, progress: bool,
+                     arch: Dict[str, Any]) -> ConvNeXtV2:
+    """``create("hf-hub:OWNER/NAME", ...)``: the repo's model; with ``checkpoint_path``, its architecture and
+    that local file's weights."""
+    if checkpoint_path is None:
+        return load_pretrained(ConvNeXtV2, f"hf-hub:{repo}", pretrained=pretrained, num_classes=num_classes,
+                               force=force, progress=progress, **arch)
+    if num_classes is None:
+        num_classes = described_num_classes(checkpoint_path)
+    model = load_pretrained(ConvNeXtV2, f"hf-hub:{repo}", pretrained=False, num_classes=num_classes,
+                            progress=progress, **arch)
+    load_checkpoint(model, checkpoint_path)
     return model
 
 

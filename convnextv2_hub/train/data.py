@@ -312,17 +312,18 @@ class EvalPreprocessing:
     std: Tuple[float, float, float]
 
 
-def eval_preprocessing(model_name: str, input_size: int, crop_pct: Optional[float], imagenet_mean_std: bool = True) -> EvalPreprocessing:
-    """Eval preprocessing from the checkpoint's manifest entry.
+def eval_preprocessing(model_name: Any, input_size: int, crop_pct: Optional[float], imagenet_mean_std: bool = True) -> EvalPreprocessing:
+    """Eval preprocessing from the checkpoint's manifest entry (``model_name``: a name, or the entry itself,
+    such as the ``model.checkpoint`` of a model pulled from the Hub).
 
     The entry of ``model_name`` is used when its resolution is ``input_size``; otherwise another entry of
     the same variant at that resolution, and failing that the authors' rule: centre crop with
     crop_pct 0.875 below 384, squash (crop_pct 1.0) at 384 and above. ``crop_pct`` overrides.
     """
-    from ..checkpoints.registry import get_checkpoint, list_checkpoints, parse_model_name
+    from ..checkpoints.registry import get_checkpoint, list_checkpoints
 
-    variant, _ = parse_model_name(model_name)
     ckpt = get_checkpoint(model_name)
+    variant = ckpt.variant
     if ckpt.resolution != input_size:
         same = [get_checkpoint(n) for n in list_checkpoints(variant)]
         same = [c for c in same if c.resolution == input_size and c.num_classes > 0]

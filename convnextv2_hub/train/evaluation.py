@@ -76,6 +76,7 @@ def amp_dtype(cfg: Dict[str, Any]) -> Optional[torch.dtype]:
 
 def run_eval(run: Run) -> Dict[str, Any]:
     """The ``eval`` command: top-1/top-5 of released (``--pretrained``) or own (``--init``) weights."""
+    from ..checkpoints.hub import hub_repo_id
     from ..models.factory import create
 
     env = init_distributed(run.device)
@@ -84,10 +85,15 @@ def run_eval(run: Run) -> Dict[str, Any]:
         loc = find_split(run.data_path, "val", fallback_to_root=True)
         if loc is None:
             raise TrainingInputError(f"no evaluation data at {run.data_path}")
-        prep = eval_preprocessing(run.model, cfg["input_size"], cfg["crop_pct"], cfg["imagenet_default_mean_and_std"])
+        # A model pushed to the Hub (hf-hub:OWNER/NAME) brings its head and preprocessing: built first.
+        hub_model = create(run.model, pretrained=True) if hub_repo_id(run.model) and not run.init else None
+        prep = eval_preprocessing(hub_model.checkpoint if hub_model is not None else run.model, cfg["input_size"],
+                                  cfg["crop_pct"], cfg["imagenet_default_mean_and_std"])
         ds = build_dataset(loc, eval_transform(prep))
         num_classes = cfg["nb_classes"] or (None if run.pretrained else _checkpoint_classes(run.init)) or len(ds.classes)
-        if run.pretrained:
+        if hub_model is not None:
+            model = hub_model
+        elif run.pretrained:
             model = create(run.model, pretrained=True)
         else:
             if not run.init:
