@@ -23,7 +23,9 @@ from ..train import config as C
 
 
 def _add_common(p: argparse.ArgumentParser, mode: str) -> None:
-    p.add_argument("--model", required=True, help="variant (atto ... huge) or checkpoint name (tiny.fcmae_ft_in22k_in1k_384)")
+    p.add_argument("--model", required=mode != "eval",
+                   help="variant (atto ... huge) or checkpoint name (tiny.fcmae_ft_in22k_in1k_384)"
+                   + ("; may be left out with --init of a file that says its size" if mode == "eval" else ""))
     p.add_argument("--data", required=True, help="ImageFolder root with train/ and val/ (or train.txt / val.txt file lists)"
                    + ("; or a folder/list to evaluate directly" if mode == "eval" else ""))
     p.add_argument("--output", default=None, help="run folder (checkpoints, log.jsonl, eval.json, config.json)"
@@ -36,15 +38,21 @@ def _add_common(p: argparse.ArgumentParser, mode: str) -> None:
                        help="start over in an output folder that holds an earlier run (its log.jsonl and eval.json are "
                             "removed when training starts, its checkpoints replaced at the first save); without it, "
                             "such a folder is refused")
+        p.add_argument("--strict-recipe", action="store_true",
+                       help="keep every recipe value as written (paper reproduction): refuse a warm-up longer than "
+                            "--set epochs or a batch larger than the data set instead of adapting them")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (authors' argument names; 'convnextv2-train keys' lists them); repeatable")
     p.add_argument("--init", default=None, help={
-        "pretrain": "continue from an FCMAE checkpoint (with decoder)",
-        "finetune": "start from these weights (FCMAE encoder or classifier, any supported format); the authors' --finetune",
-        "eval": "weights to evaluate (any supported format)",
+        "pretrain": "continue from an FCMAE checkpoint (with decoder); default: random weights",
+        "finetune": "start from: a checkpoint name (tiny.fcmae, tiny.fcmae_ft_in22k_in1k), a file (FCMAE encoder or "
+                    "classifier, any supported format; the authors' --finetune), or 'none' for random weights; "
+                    "default: the variant's released FCMAE weights (<variant>.fcmae), as the paper",
+        "eval": "weights to evaluate (any supported format; a file of ours brings its labels and preprocessing)",
     }[mode])
     if mode != "pretrain":
-        p.add_argument("--pretrained", action="store_true", help="start from / evaluate the released weights of --model")
+        p.add_argument("--pretrained", action="store_true",
+                       help="start from / evaluate the released weights --model names (its default checkpoint for a bare variant)")
     p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--num-workers", type=int, default=None, help="data loader workers per process (config key num_workers)")
     p.add_argument("--batch-size", type=int, default=None, help="images per process per step (config key batch_size)")
@@ -65,23 +73,49 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _resolve(args: argparse.Namespace):
-    from ..checkpoints.registry import get_checkpoint, parse_model_name
+    """(config, source notes, adaptation notices); for ``eval``, ``args.model`` is filled in from ``--init``'s
+    file when it was left out, and for training ``args.start`` is where the weights start."""
+    from ..checkpoints.registry import parse_model_name
+    from ..train.start import resolve_start
 
+    mode = args.command
+    if mode == "eval":
+        from .arguments import model_for_weights
+
+        described = args.init if args.init and os.path.isfile(args.init) else None
+        args.model = model_for_weights(args.model, described)
     variant, _ = parse_model_name(args.model)
     overrides = C.parse_set(args.sets)
     for flag, key in ((args.num_workers, "num_workers"), (args.batch_size, "batch_size")):
         if flag is not None:
             overrides[key] = flag
-    mode = args.command
     if getattr(args, "overwrite", False) and getattr(args, "resume", None):
         raise C.ConfigError("--overwrite starts over and --resume continues: give one of them")
-    base = {}
+    adapted: list = []
     if mode == "eval":
-        # Evaluate at the checkpoint's own resolution unless told otherwise.
-        base["input_size"] = get_checkpoint(args.model).resolution
-    recipe = getattr(args, "recipe", None)
-    cfg, notes = C.resolve(mode, variant, recipe if mode != "eval" else None, overrides, base)
-    return cfg, notes
+        # Evaluate at the resolution the weights were made for (a file of ours says it) unless told otherwise.
+        cfg, notes = C.resolve(mode, variant, None, overrides, {"input_size": _eval_resolution(args)})
+    else:
+        args.start = resolve_start(mode, args.model, args.init, args.pretrained if mode == "finetune" else False)
+        cfg, notes = C.resolve(mode, variant, args.recipe, overrides, None, None if args.strict_recipe else adapted)
+    return cfg, notes, adapted
+
+
+def _eval_resolution(args: argparse.Namespace) -> int:
+    from ..checkpoints.io import read_description
+    from ..checkpoints.registry import get_checkpoint
+
+    description = read_description(args.init) if args.init and not args.pretrained else None
+    if description is not None and description.preprocessing is not None:
+        return int(description.preprocessing["resolution"])
+    return get_checkpoint(args.model).resolution
+
+
+def _fixed_keys(args: argparse.Namespace) -> List[str]:
+    """The config keys the user set: ``--set`` and the flags that stand for keys."""
+    keys = list(C.parse_set(args.sets))
+    keys += [key for flag, key in ((args.num_workers, "num_workers"), (args.batch_size, "batch_size")) if flag is not None]
+    return keys
 
 
 def _error(e: BaseException, status: int) -> int:
@@ -117,20 +151,24 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "recipes":
             _print_recipes(args.name)
             return 0
-        cfg, notes = _resolve(args)
+        cfg, notes, adapted = _resolve(args)
     except ValueError as e:  # ConfigError, or parse_model_name's unknown name
         return _error(e, 2)
+    except _expected_errors() as e:  # eval: a --init file that cannot be read
+        return _error(e, 1)
     if args.dry_run:
-        print(json.dumps({"config": cfg, "sources": notes}, indent=2))
+        start = getattr(args, "start", None)
+        print(json.dumps({"config": cfg, "sources": notes, "adapted": adapted,
+                          **({"start": start.as_dict()} if start is not None else {})}, indent=2))
         return 0
     try:
-        _run(args, cfg, notes)
+        _run(args, cfg, notes, adapted)
     except _expected_errors() as e:
         return _error(e, 1)
     return 0
 
 
-def _run(args: argparse.Namespace, cfg: Dict[str, Any], notes: Dict[str, str]) -> None:
+def _run(args: argparse.Namespace, cfg: Dict[str, Any], notes: Dict[str, str], adapted: List[str]) -> None:
     from ..train.engine import train
     from ..train.evaluation import run_eval
     from ..train.run import Run
@@ -139,11 +177,13 @@ def _run(args: argparse.Namespace, cfg: Dict[str, Any], notes: Dict[str, str]) -
         mode=args.command, model=args.model, data_path=args.data, output_dir=args.output, cfg=cfg,
         init=args.init, pretrained=getattr(args, "pretrained", False), resume=getattr(args, "resume", None),
         overwrite=getattr(args, "overwrite", False), device=args.device, recipe=getattr(args, "recipe", None), notes=notes,
+        start=getattr(args, "start", None), fixed=tuple(_fixed_keys(args)), strict_recipe=getattr(args, "strict_recipe", False),
+        adapted=adapted,
     )
     if run.mode == "eval":
         res = run_eval(run)
         if int(os.environ.get("RANK", "0")) == 0:  # torchrun: one report, not one per process
-            print(json.dumps({k: res[k] for k in ("top1", "top5", "loss", "num_images", "skipped_images")}, indent=1))
+            print(json.dumps({k: res[k] for k in ("top1", "top5", "loss", "num_images", "skipped_images", "classes")}, indent=1))
     else:
         train(run)
 

@@ -66,6 +66,7 @@ def create(
         load_checkpoint(model, checkpoint_path)
     elif pretrained:
         _load_pretrained(model, ckpt, progress=progress, force=force_download)
+        model.weights_file = None  # the manifest entry names these weights, not the cache file they came from
     return model
 
 

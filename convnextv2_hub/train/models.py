@@ -1,13 +1,14 @@
-"""The model a run trains: the classifier for fine-tuning (recipe drop path and head init, ``--init``
-weights) or the FCMAE for pre-training."""
+"""The model a run trains: the classifier for fine-tuning (recipe drop path and head init, weights from its
+start: ``start.Start``) or the FCMAE for pre-training."""
 from __future__ import annotations
 
 import warnings
 
 from torch import nn
 
-from .run import Run
+from .run import Run, TrainingInputError
 from .runlog import Logger
+from .start import Start, resolve_start
 
 
 def _variant(model_name: str) -> str:
@@ -16,21 +17,45 @@ def _variant(model_name: str) -> str:
     return parse_model_name(model_name)[0]
 
 
+def start_of(run: Run) -> Start:
+    """``run.start``, resolved from its flags when the run was built without one (the Python API)."""
+    if run.start is None:
+        run.start = resolve_start(run.mode, run.model, run.init, run.pretrained)
+    return run.start
+
+
 def build_finetune_model(run: Run, num_classes: int, logger: Logger) -> nn.Module:
-    """``create()`` with the recipe's drop path and head init scale; then ``--init`` weights (an
-    FCMAE file keeps the fresh, scaled head and norm; a head of another class count is replaced)."""
-    from ..checkpoints.io import load_checkpoint
+    """``create()`` with the recipe's drop path and head init scale, its weights from the run's start: a
+    released checkpoint (downloaded), a file, or random weights. A head of another class count, or none (FCMAE
+    weights), is replaced by a fresh, scaled one; an FCMAE file also keeps the fresh final norm. The model's
+    ``base_checkpoint`` names the released weights it descends from (None for a random start), for the
+    checkpoints the run writes."""
+    from ..checkpoints.download import CheckpointDownloadError
     from ..models.factory import create
 
-    cfg = run.cfg
-    model = create(run.model, pretrained=run.pretrained, num_classes=num_classes, drop_path_rate=cfg["drop_path"], head_init_scale=cfg["head_init_scale"])
-    if run.init:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            report = load_checkpoint(model, run.init)
-        for w in caught:
-            logger.info(f"note: {w.message}")
-        logger.info(f"loaded {run.init} ({report.format}); kept fresh: {report.reinitialized or 'nothing'}")
+    cfg, start = run.cfg, start_of(run)
+    kw = dict(num_classes=num_classes, drop_path_rate=cfg["drop_path"], head_init_scale=cfg["head_init_scale"])
+    logger.info(start.describe(run.mode))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if start.kind == "checkpoint":
+            try:
+                model = create(start.source, pretrained=True, **kw)
+            except CheckpointDownloadError as e:
+                raise TrainingInputError(f"{e}\n{start.download_advice()}") from e
+            model.base_checkpoint = start.source
+        else:
+            model = create(run.model, **kw)
+            model.base_checkpoint = None  # a file of ours states its own when it is loaded below
+        report = None
+        if start.kind == "file":
+            from ..checkpoints.io import load_checkpoint
+
+            report = load_checkpoint(model, start.source)
+    for w in caught:
+        logger.info(f"note: {w.message}")
+    if report is not None:
+        logger.info(f"loaded {start.source} ({report.format}); kept fresh: {report.reinitialized or 'nothing'}")
     return model
 
 
@@ -39,8 +64,9 @@ def build_pretrain_model(run: Run) -> nn.Module:
 
     cfg = run.cfg
     kw = dict(mask_ratio=cfg["mask_ratio"], norm_pix_loss=cfg["norm_pix_loss"])
-    if run.init:
-        model = FCMAE.from_checkpoint(run.init, drop_path_rate=cfg["drop_path"], **kw)
+    start = start_of(run)
+    if start.kind == "file":
+        model = FCMAE.from_checkpoint(start.source, drop_path_rate=cfg["drop_path"], **kw)
     else:
         model = FCMAE(
             _variant(run.model),
