@@ -4,9 +4,14 @@
     convnextv2-train finetune --model base --data /imagenet --output runs/ft --init runs/pt/checkpoint-last.safetensors
     convnextv2-train finetune --model tiny --data /my_folder --recipe finetune_in1k --set epochs=30 --set lr=1e-4
     convnextv2-train eval     --model tiny --pretrained --data /imagenet/val
+    convnextv2-train eval     --init runs/ft/checkpoint-last.safetensors --data /my_folder/val
     torchrun --nproc_per_node 8 --nnodes 2 ... -m convnextv2_hub.train finetune ...   (same flags)
     convnextv2-train recipes [NAME]     # list recipes, or print one
     convnextv2-train keys               # every config key with its default
+
+A fine-tune starts from the variant's released FCMAE weights (``<variant>.fcmae``) unless ``--init`` says
+otherwise (a checkpoint name, a path, ``none``); recipe values that do not fit a small run adapt with a notice
+unless ``--strict-recipe`` (``train.start``, ``train.config.fit_schedule`` / ``fit_batch``).
 
 Errors in what the user gave (config, data, checkpoint files, a blown-up run, a full disk) are one line
 on stderr and exit status 2 (config and flags) or 1 (everything after); a traceback means a bug.
