@@ -100,7 +100,7 @@ def run_eval(run: Run) -> Dict[str, Any]:
         prep = described_preprocessing(run.init, cfg) if not run.pretrained else None
         prep = prep or eval_preprocessing(run.model, cfg["input_size"], cfg["crop_pct"], cfg["imagenet_default_mean_and_std"])
         ds = build_dataset(loc, eval_transform(prep))
-        model = _eval_model(run, cfg, ds)
+        model = _eval_model(run, cfg)
         index, how = class_mapping(ds.classes, model, loc)
         model.to(env.device)
         if cfg["channels_last"]:
@@ -126,16 +126,30 @@ def run_eval(run: Run) -> Dict[str, Any]:
         shutdown(env)
 
 
-def _eval_model(run: Run, cfg: Dict[str, Any], ds: Any) -> nn.Module:
-    """The released weights (``--pretrained``) or ``--init``'s, with the head the file has (or states)."""
+def _eval_model(run: Run, cfg: Dict[str, Any]) -> nn.Module:
+    """The released weights (``--pretrained``) or ``--init``'s, with the head the file has (or states); weights
+    without a classifier head (FCMAE encoders) are refused."""
+    from ..checkpoints.reading import CheckpointError
+    from ..checkpoints.registry import get_checkpoint
     from ..models.factory import create
 
     if run.pretrained:
+        if get_checkpoint(run.model).num_classes == 0:
+            raise TrainingInputError(f"{get_checkpoint(run.model).name} is an encoder without a classifier head (FCMAE "
+                                     "pre-training): fine-tune it first (convnextv2-train finetune --init "
+                                     f"{get_checkpoint(run.model).name}), then evaluate that run's checkpoint")
         return create(run.model, pretrained=True)
     if not run.init:
         raise TrainingInputError("eval needs --pretrained or --init PATH (weights to evaluate)")
-    num_classes = cfg["nb_classes"] or _checkpoint_classes(run.init) or len(ds.classes)
-    return create(run.model, num_classes=num_classes, checkpoint_path=run.init)
+    from ..inference.predictor import load_classifier
+
+    try:  # the file's own head, never a fresh one: evaluating an untrained head measures nothing
+        return load_classifier(run.model, checkpoint_path=run.init,
+                               num_classes=cfg["nb_classes"] or _checkpoint_classes(run.init))
+    except CheckpointError:
+        raise
+    except ValueError as e:
+        raise TrainingInputError(f"--init {run.init}: {e}") from e
 
 
 def described_preprocessing(path: Optional[str], cfg: Dict[str, Any]) -> Optional[EvalPreprocessing]:

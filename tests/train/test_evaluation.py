@@ -90,3 +90,11 @@ def test_eval_of_an_imagenet_model_on_a_small_folder_is_refused(imagenet_atto, d
     err = capsys.readouterr().err
     assert "has 3 classes but the model has a 1000-class head with its ImageNet-1K labels" in err
     assert "top-1 would compare unrelated classes" in err
+
+
+def test_eval_of_weights_without_a_head_is_refused(digits_val, tmp_path, capsys):
+    encoder = save_checkpoint(cvh.create("atto", num_classes=0), tmp_path / "encoder.safetensors")
+    assert main(["eval", "--init", str(encoder), "--data", str(digits_val), "--num-workers", "0"]) == 1
+    assert "new, untrained head" in capsys.readouterr().err  # not the top-1 of a random head
+    assert main(["eval", "--model", "atto.fcmae", "--pretrained", "--data", str(digits_val)]) == 1
+    assert "atto.fcmae is an encoder without a classifier head" in capsys.readouterr().err  # before any download
