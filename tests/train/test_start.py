@@ -100,3 +100,14 @@ def test_a_batch_larger_than_the_data_adapts_but_the_users_does_not():
         C.fit_batch(dict(cfg), 1, 40, ("eff_batch_size",), strict=False)
     with pytest.raises(C.ConfigError, match="fewer than one optimiser step"):
         C.fit_batch(dict(cfg, update_freq=1), 1, 20, ("batch_size", "update_freq"), strict=False)
+
+
+def test_offline_the_default_start_says_what_to_pass(hf_env, monkeypatch, two_digit_classes, tmp_path, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # an empty cache and no network: atto.fcmae cannot be had
+    out = tmp_path / "run"
+    assert main(["finetune", "--model", "atto", "--data", str(two_digit_classes), "--output", str(out),
+                 "--num-workers", "0", "--set", "input_size=32"]) == 1
+    err = capsys.readouterr().err
+    assert "atto.fcmae is the default start of a fine-tune and could not be downloaded" in err
+    assert "--init PATH" in err and "--init none" in err
+    assert not out.exists()  # nothing written by a run that never started
