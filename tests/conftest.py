@@ -389,9 +389,9 @@ def bomb_png(tmp_path_factory) -> str:
     return write_bomb_png(tmp_path_factory.mktemp("bomb") / "bomb.png")
 
 
-# Arguments of a fine-tuning run small enough for a test: atto on 32 px digits, one process, no augmentation
-# that needs many images, nothing left running.
-TINY_FINETUNE_ARGS = ["--num-workers", "0", "--set", "update_freq=1", "--set", "warmup_epochs=0",
+# Arguments of a fine-tuning run small enough for a test: atto on 32 px digits from random weights (no download),
+# one process, no augmentation that needs many images, nothing left running.
+TINY_FINETUNE_ARGS = ["--init", "none", "--num-workers", "0", "--set", "update_freq=1", "--set", "warmup_epochs=0",
                       "--set", "use_amp=false", "--set", "log_interval=1", "--set", "batch_size=8",
                       "--set", "input_size=32", "--set", "model_ema=false", "--set", "aa=none", "--set", "reprob=0",
                       "--set", "tensorboard=false"]

@@ -149,6 +149,10 @@ def load_checkpoint(model: ConvNeXtV2, source: Source, strict: bool = True, *,
             t = target[k]
             adapted[k] = v.to(device=t.device, dtype=t.dtype) if t.is_floating_point() else v.to(t.device)
     model.load_state_dict(adapted, strict=True)
+    if not isinstance(source, Mapping):
+        # Where the weights came from, for what describes them later (export metadata, a re-save);
+        # ``create(pretrained=True)`` clears it: there the manifest entry names them.
+        model.weights_file = str(source)
     description = read_description(source)
     if description is not None:
         apply_description(model, description, head_kept="head" in report.reinitialized)
@@ -461,7 +465,9 @@ def describe_model(model: torch.nn.Module) -> Dict[str, str]:
     ckpt = getattr(model, "checkpoint", None)
     if isinstance(ckpt, Checkpoint):
         meta["preprocessing"] = json.dumps({k: getattr(ckpt, k) for k in PREPROCESSING_FIELDS})
-        meta["base_checkpoint"] = ckpt.name
+    base = base_checkpoint_of(model)
+    if base:
+        meta["base_checkpoint"] = base
     return meta
 
 
@@ -489,6 +495,40 @@ def read_arch(source: Source) -> Optional[Dict[str, Any]]:
         raise CheckpointError(f"checkpoint {describe_source(source)}: metadata {ARCH_KEY!r} is not a JSON object "
                               f"({meta[ARCH_KEY][:80]!r}); it must hold the model's architecture switches")
     return options
+
+
+def base_checkpoint_of(model: torch.nn.Module) -> Optional[str]:
+    """The released checkpoint ``model``'s weights descend from, None when there is none or it is unknown.
+
+    ``model.base_checkpoint`` when set (by the file it was loaded from, or by the trainer, which knows where a
+    run started: None for random weights); else None for weights read from a file that does not say
+    (``model.weights_file``: a timm or authors' file, an older file of ours); else the name of the checkpoint
+    entry ``create`` attached."""
+    if hasattr(model, "base_checkpoint"):
+        return model.base_checkpoint
+    if getattr(model, "weights_file", None):
+        return None
+    ckpt = getattr(model, "checkpoint", None)
+    return ckpt.name if isinstance(ckpt, Checkpoint) else None
+
+
+def checkpoint_variant(source: Source, from_tensors: bool = True) -> Optional[str]:
+    """The variant (atto ... huge) a checkpoint holds: the one a file of ours states (a classifier's
+    ``variant``, an FCMAE file's ``config``), else (``from_tensors``: which reads every tensor) the one its
+    stage widths and depths match; None when neither tells (a custom size). Raises ``CheckpointError`` for
+    a file that cannot be read."""
+    if not isinstance(source, Mapping) and Path(source).is_file() and is_safetensors(source):
+        meta = read_metadata(source)
+        stated = meta.get("variant")
+        if stated is None and "config" in meta:  # FCMAE.save: the hyper-parameters as one JSON object
+            with contextlib.suppress(ValueError, AttributeError):
+                stated = json.loads(meta["config"]).get("variant")
+        if stated in VARIANTS:
+            return str(stated)
+    if not from_tensors:
+        return None
+    dims, depths = stage_layout(to_ours(read_state_dict(source)))
+    return variant_of(depths, dims) if dims and depths else None
 
 
 def read_description(source: Source) -> Optional[CheckpointDescription]:
@@ -547,6 +587,7 @@ def apply_description(model: torch.nn.Module, description: CheckpointDescription
     """
     head = getattr(model, "head", None)
     n = head.out_features if isinstance(head, torch.nn.Linear) else 0
+    model.base_checkpoint = description.base_checkpoint  # None: the file names none (random start, or unknown)
     if description.label_names is not None and not head_kept and len(description.label_names) == n:
         model.label_names = list(description.label_names)
     if description.preprocessing is None:
@@ -653,6 +694,8 @@ __all__ = [
     "ARCH_KEY",
     "apply_description",
     "arch_metadata",
+    "base_checkpoint_of",
+    "checkpoint_variant",
     "describe_model",
     "described_num_classes",
     "detect_format",

@@ -25,6 +25,7 @@ from ..models.variants import VARIANTS
 
 _MANIFEST_NAME = "weights_manifest.json"
 _CLASSES_RESOURCE = ("data", "imagenet_classes.txt")
+_WNIDS_RESOURCE = ("data", "imagenet_wnids.txt")
 
 # Listing order of tags within a variant: pre-training first, then fine-tunes by data and resolution.
 _TAG_ORDER = (
@@ -283,19 +284,26 @@ def get_checkpoint(name: Union[str, Checkpoint]) -> Checkpoint:
 
 
 @functools.lru_cache(maxsize=None)
-def _class_names() -> Tuple[str, ...]:
-    text = _read_package_text(*_CLASSES_RESOURCE)
+def _thousand_lines(resource: Tuple[str, str]) -> Tuple[str, ...]:
+    text = _read_package_text(*resource)
     if text is None:
-        raise RuntimeError("convnextv2_hub/data/imagenet_classes.txt is missing; reinstall convnextv2-hub")
-    names = tuple(line.strip() for line in text.splitlines() if line.strip())
-    if len(names) != 1000:
-        raise RuntimeError(f"imagenet_classes.txt has {len(names)} names, expected 1000")
-    return names
+        raise RuntimeError(f"convnextv2_hub/{'/'.join(resource)} is missing; reinstall convnextv2-hub")
+    lines = tuple(line.strip() for line in text.splitlines() if line.strip())
+    if len(lines) != 1000:
+        raise RuntimeError(f"{resource[-1]} has {len(lines)} lines, expected 1000")
+    return lines
 
 
 def imagenet_class_names() -> List[str]:
     """The 1000 ImageNet-1K class names in class-index order (a fresh list: callers may edit it)."""
-    return list(_class_names())
+    return list(_thousand_lines(_CLASSES_RESOURCE))
+
+
+def imagenet_wnids() -> List[str]:
+    """The 1000 ImageNet-1K WordNet ids (``n01440764`` ...) in class-index order: the class folder names of
+    an ImageNet train/val folder, whose sorted order is the class order."""
+    return list(_thousand_lines(_WNIDS_RESOURCE))
+
 
 def create_transform(name_or_checkpoint: Union[str, Checkpoint], train: bool = False) -> Callable[[Any], Any]:
     """The transform a checkpoint expects, from its manifest entry (a name in any accepted spelling, or the entry)."""
@@ -321,6 +329,7 @@ __all__ = [
     "default_tag",
     "get_checkpoint",
     "imagenet_class_names",
+    "imagenet_wnids",
     "label_names",
     "list_checkpoints",
     "list_models",

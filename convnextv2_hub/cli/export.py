@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .arguments import add_weights_arguments
+from .arguments import add_weights_arguments, model_for_weights
 
 # The exporter (and torch) are imported once the arguments are checked, so --help answers at once.
 HELP_DEFAULT_OPSET = 18  # inference.export.DEFAULT_OPSET, pinned equal by a test
@@ -16,7 +16,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="convnextv2-export",
         description="Export a ConvNeXt V2 to ONNX or TorchScript, verified against PyTorch before it is written.")
-    p.add_argument("model", help="model or checkpoint name, e.g. tiny or tiny.fcmae_ft_in22k_in1k_384")
+    p.add_argument("model", nargs="?", default=None,
+                   help="model or checkpoint name, e.g. tiny or tiny.fcmae_ft_in22k_in1k_384; may be left out with "
+                        "--checkpoint-path (the file's size is read from it)")
     out = p.add_mutually_exclusive_group(required=True)
     out.add_argument("--onnx", metavar="OUT", help="write an ONNX file")
     out.add_argument("--torchscript", metavar="OUT", help="write a TorchScript file")
@@ -47,7 +49,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         from ..inference.export import DEFAULT_OPSET, export_onnx, export_torchscript
         from ..models.factory import create
 
-        model = create(args.model, pretrained=args.checkpoint_path is None,
+        name = model_for_weights(args.model, args.checkpoint_path)
+        model = create(name, pretrained=args.checkpoint_path is None,
                        checkpoint_path=args.checkpoint_path, num_classes=args.num_classes,
                        force_download=args.force_download)
         common = dict(image_size=args.image_size, half=args.half, overwrite=args.overwrite,

@@ -12,7 +12,7 @@ from typing import List, Optional
 
 from ..preprocessing.images import SAMPLE_IMAGE, sample_image_path  # noqa: F401  (the photo predict classifies by default)
 from .analyze import add_analyze_parser
-from .arguments import add_weights_arguments
+from .arguments import add_weights_arguments, model_for_weights
 from .convert import add_convert_parser
 from .fcmae_show import add_fcmae_show_parser
 from .push import add_push_parser
@@ -63,7 +63,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     images = expand_image_paths(args.images or [sample_image_path()])
     # Refuses a --num-classes that would mean a new, untrained head (for a pretrained name: before downloading).
     model = load_classifier(
-        args.model,
+        model_for_weights(args.model, args.checkpoint_path, default="tiny"),
         checkpoint_path=args.checkpoint_path,
         num_classes=args.num_classes,
         force_download=args.force_download,
@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="classify images (default: the bundled sample photo)")
     p.add_argument("images", nargs="*", help="image files and folders (searched recursively for images)")
-    p.add_argument("--model", default="tiny", help="model or checkpoint name (default: tiny)")
+    p.add_argument("--model", default=None,
+                   help="model or checkpoint name (default: tiny; with --checkpoint-path, the size the file holds)")
     add_weights_arguments(p)
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=16)

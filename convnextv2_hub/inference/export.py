@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..checkpoints.io import base_checkpoint_of
 from ..checkpoints.registry import label_names
 from ..files import PathLike, atomic_path, temp_path
 from ..models.layers import GRN
@@ -60,12 +61,17 @@ class ExportError(RuntimeError):
 # ------------------------------------------------------------------------------------------------
 def export_metadata(model: ConvNeXtV2, image_size: Optional[int] = None, precision: str = "fp32",
                     extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """What a consumer of the exported file needs: the checkpoint's preprocessing and label names."""
+    """What a consumer of the exported file needs: the checkpoint's preprocessing and label names, and
+    where the weights come from: ``checkpoint`` is the file they were read from (``--checkpoint-path``)
+    or the released checkpoint's name, ``base_checkpoint`` the released checkpoint they descend from
+    (None for weights trained from random ones, or from a file that does not say)."""
     ckpt = getattr(model, "checkpoint", None)
     res = image_size or (ckpt.resolution if ckpt is not None else 224)
+    source = getattr(model, "weights_file", None) or (ckpt.name if ckpt is not None else None)
     meta: Dict[str, Any] = {
         "format": FORMAT_TAG,
-        "checkpoint": ckpt.name if ckpt is not None else None,
+        "checkpoint": source,
+        "base_checkpoint": base_checkpoint_of(model),
         "variant": getattr(model, "variant", None) or (ckpt.variant if ckpt is not None else None),
         "resolution": int(res),
         "num_classes": int(model.num_classes),

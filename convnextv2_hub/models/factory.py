@@ -11,15 +11,40 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Union
 
 from ..checkpoints.hub import hub_repo_id, load_pretrained
-from ..checkpoints.io import described_num_classes, load_checkpoint, read_arch
+from ..checkpoints.io import checkpoint_variant, described_num_classes, load_checkpoint, read_arch
 from ..checkpoints.download import discard_cached_file, download_checkpoint, offline_mode
 from ..checkpoints.reading import CheckpointError, read_checkpoint_file
 from ..checkpoints.registry import Checkpoint, get_checkpoint, parse_model_name
 from .convnextv2 import ConvNeXtV2, convnextv2
 
 
+def model_name_for(name: Optional[str], checkpoint_path: Union[str, os.PathLike, None],
+                   default: Optional[str] = "tiny") -> str:
+    """The model name to build: ``name`` as given; without it, the variant ``checkpoint_path`` states (files
+    written by this package) or its tensors show; else ``default``. A ``name`` of another size than the file
+    states is refused here, before anything is built, with the fix in the message (ValueError)."""
+    if checkpoint_path is not None:
+        # With a name given, only a file's stated size is checked: reading every tensor twice is not worth it,
+        # and loading a foreign file of another size fails anyway, naming the size it looks like.
+        held = checkpoint_variant(checkpoint_path, from_tensors=name is None)
+        if name is None:
+            if held is None:
+                raise ValueError(f"{checkpoint_path} does not say which ConvNeXt V2 size it holds, and its tensors "
+                                 "match none of atto ... huge: name the model")
+            return held
+        if held is not None and parse_model_name(name)[0] != held:
+            raise ValueError(f"{checkpoint_path} holds a ConvNeXt V2-{held.capitalize()}, not {name!r}: leave the model "
+                             f"name out (the file says what it is) or give {held!r}")
+        return name
+    if name is None:
+        if default is None:
+            raise ValueError("name a model (e.g. tiny or tiny.fcmae_ft_in22k_in1k) or give a checkpoint path")
+        return default
+    return name
+
+
 def create(
-    name: str = "tiny",
+    name: Optional[str] = None,
     pretrained: bool = False,
     *,
     num_classes: Optional[int] = None,
@@ -33,8 +58,9 @@ def create(
     force_download: bool = False,
     **switches: Any,
 ) -> ConvNeXtV2:
-    """Build a ConvNeXt V2 from a name such as ``"tiny"``, ``"tiny.fcmae_ft_in1k"`` or
-    ``"convnextv2_tiny.fcmae_ft_in22k_in1k_384"``.
+    """Build a ConvNeXt V2 from a name such as ``"tiny"`` (the default), ``"tiny.fcmae_ft_in1k"`` or
+    ``"convnextv2_tiny.fcmae_ft_in22k_in1k_384"``; with ``checkpoint_path`` and no name, the size the file holds
+    (``model_name_for``).
 
     - ``pretrained=True`` downloads the named checkpoint (the variant's default tag when the name has
       none) through the Hugging Face Hub cache, falling back to the authors' URL.
@@ -59,6 +85,7 @@ def create(
         arch = dict(drop_path_rate=drop_path_rate, head_init_scale=head_init_scale, features_only=features_only,
                     out_indices=out_indices)
         return _create_from_hub(repo, pretrained, num_classes, checkpoint_path, force_download, progress, arch)
+    name = model_name_for(name, checkpoint_path)
     variant, tag = parse_model_name(name)
     ckpt: Checkpoint = get_checkpoint(name if tag else variant)
     if num_classes is None and checkpoint_path is not None:
@@ -84,6 +111,7 @@ def create(
         load_checkpoint(model, checkpoint_path)
     elif pretrained:
         _load_pretrained(model, ckpt, progress=progress, force=force_download)
+        model.weights_file = None  # the manifest entry names these weights, not the cache file they came from
     return model
 
 

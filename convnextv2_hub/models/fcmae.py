@@ -314,16 +314,21 @@ class FCMAE(nn.Module):
             encoder_masking=self.encoder_masking,
         )
 
-    def save(self, path: PathLike) -> Path:
+    def save(self, path: PathLike, metadata: Optional[Dict[str, str]] = None) -> Path:
         """Write a safetensors file: ``encoder.*`` (our dense layout), ``proj.*``, ``mask_token``,
-        ``decoder.*``, ``pred.*``; the hyper-parameters go into the metadata. Written to a temporary
-        file in the same folder and moved into place, so a crash never leaves a truncated file."""
+        ``decoder.*``, ``pred.*``; the hyper-parameters go into the metadata (``config``, with the
+        variant), then ``metadata``'s entries (the trainer's: epoch, recipe, ``start``). Written to a
+        temporary file in the same folder and moved into place, so a crash never leaves a truncated file."""
         from safetensors.torch import save_file
 
         path = Path(path)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": json.dumps(self.config())}
         meta.update(arch_metadata(self.encoder))  # the encoder's ablation switches, read back by read_arch
+        for k, v in (metadata or {}).items():
+            if k in meta:
+                raise ValueError(f"metadata key {k!r} is reserved: FCMAE.save writes it from the model")
+            meta[str(k)] = str(v)
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=meta)

@@ -278,9 +278,14 @@ def load_recipe(name_or_path: str) -> Recipe:
 
 
 def resolve(
-    mode: str, variant: str, recipe: Optional[str], overrides: Mapping[str, Any], base: Optional[Mapping[str, Any]] = None
+    mode: str, variant: str, recipe: Optional[str], overrides: Mapping[str, Any], base: Optional[Mapping[str, Any]] = None,
+    adapted: Optional[List[str]] = None,
 ) -> Tuple[Dict[str, Any], Dict[str, str]]:
-    """defaults <- ``base`` <- recipe row for ``variant`` <- overrides. Returns (config, source notes)."""
+    """defaults <- ``base`` <- recipe row for ``variant`` <- overrides. Returns (config, source notes).
+
+    ``adapted``: a list to adapt, in the config, the recipe's (or default) values that do not fit what the
+    overrides set (``fit_schedule``), with one notice per change appended to it; None (strict): they stand,
+    and a misfit is refused as any bad value is."""
     cfg = defaults()
     cfg.update(base or {})
     notes: Dict[str, str] = {}
@@ -290,10 +295,63 @@ def resolve(
             raise ConfigError(f"recipe {r.name!r} is a {r.mode} recipe; this is the {mode} command")
         values, notes = r.row(variant)
         cfg.update(values)
+    before = dict(cfg)
     for k, v in overrides.items():
         cfg[k] = coerce(k, v)
+    if adapted is not None:
+        adapted += fit_schedule(cfg, before, set(overrides))
     validate(cfg)
     return cfg, notes
+
+
+# How to keep a recipe's value instead of the adapted one; ends every adaptation notice.
+KEEP_RECIPE = "--strict-recipe to refuse instead"
+
+
+def fit_schedule(cfg: Dict[str, Any], recipe_values: Mapping[str, Any], fixed: Iterable[str]) -> List[str]:
+    """Adapt, in ``cfg``, the epoch-based values the user did not set (not in ``fixed``) that do not fit the
+    run's ``epochs``: a warm-up longer than the run keeps its share of the recipe's run (Tiny's 40 of 300
+    epochs in a 30-epoch run: 4). Returns one notice per change. A recipe used as written fits by itself,
+    so nothing changes for a paper reproduction."""
+    fixed = set(fixed)
+    notices: List[str] = []
+    warmup, epochs = cfg["warmup_epochs"], cfg["epochs"]
+    if warmup > epochs and "warmup_epochs" not in fixed and epochs > 0:
+        planned = recipe_values["epochs"]
+        new = round(min(epochs, warmup * epochs / planned), 3) if planned > 0 else float(epochs)
+        cfg["warmup_epochs"] = new
+        notices.append(f"warmup_epochs: the recipe's {warmup:g} is longer than epochs={epochs}, so {new:g} is used (the "
+                       f"same share of the run as {warmup:g} of {planned}); --set warmup_epochs=N to choose, {KEEP_RECIPE}")
+    return notices
+
+
+def fit_batch(cfg: Dict[str, Any], world_size: int, samples: int, fixed: Iterable[str], strict: bool) -> Optional[str]:
+    """Make one optimiser step fit into ``samples`` (training images per process) when the recipe's batch does
+    not: a smaller ``update_freq`` (the recipe's ``eff_batch_size`` comes from ImageNet's size), then, when one
+    batch is already too big, a smaller ``batch_size``; values in ``fixed`` (the user's) are never changed.
+    Returns the notice of the change, None when the batch fits; raises ``ConfigError`` when it cannot fit
+    without changing the user's values, or when ``strict`` forbids changing the recipe's."""
+    fixed = set(fixed)
+    bs = cfg["batch_size"]
+    uf, eff = effective_batch(cfg, world_size)
+    if samples >= bs * uf:
+        return None
+    can_bs = "batch_size" not in fixed and not strict
+    can_uf = not strict and ("update_freq" not in fixed if cfg["update_freq"] is not None else "eff_batch_size" not in fixed)
+    new_bs = bs if bs <= samples or not can_bs else samples
+    new_uf = max(1, samples // new_bs) if can_uf else uf
+    if samples < new_bs * new_uf:
+        why = ("the recipe's batch is kept (--strict-recipe); drop --strict-recipe to let it adapt, or set "
+               if strict else "set ")
+        raise ConfigError(f"{samples} images are fewer than one optimiser step needs (batch_size {bs} x update_freq {uf} "
+                          f"x {world_size} processes = {eff}): {why}a batch that fits, e.g. --set update_freq=1 "
+                          f"(or eff_batch_size=null) and --set batch_size={min(bs, samples)}")
+    cfg["batch_size"], cfg["update_freq"] = new_bs, new_uf
+    source = f"eff_batch_size {cfg['eff_batch_size']}" if cfg["eff_batch_size"] else "its batch"
+    return (f"batch: the recipe's effective batch {eff} ({source} = batch_size {bs} x update_freq {uf} x {world_size} "
+            f"processes) is more than the {samples} training images per process hold, so batch_size {new_bs} x "
+            f"update_freq {new_uf} = {new_bs * new_uf * world_size} is used (the lr follows: blr x batch / 256, unless lr "
+            f"is set); --set batch_size=N / update_freq=N to choose, {KEEP_RECIPE}")
 
 
 def validate(cfg: Mapping[str, Any]) -> None:
@@ -319,7 +377,8 @@ def validate(cfg: Mapping[str, Any]) -> None:
     if cfg["update_freq"] is not None and cfg["update_freq"] <= 0:
         raise ConfigError(f"update_freq must be positive, got {cfg['update_freq']}")
     if not 0 <= cfg["warmup_epochs"] <= cfg["epochs"]:
-        raise ConfigError(f"warmup_epochs must be in [0, epochs], got {cfg['warmup_epochs']}")
+        raise ConfigError(f"warmup_epochs must be in [0, epochs={cfg['epochs']}], got {cfg['warmup_epochs']:g}: "
+                          f"--set warmup_epochs=N with N at most {cfg['epochs']}")
     scale = cfg["train_crop_scale"]
     if scale is not None and not 0 < scale[0] <= scale[1] <= 1:
         raise ConfigError(f"train_crop_scale must be [min, max] with 0 < min <= max <= 1, got {scale}")

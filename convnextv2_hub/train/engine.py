@@ -71,7 +71,7 @@ from .distributed import DistEnv, all_sum, barrier, init_distributed, shutdown
 from .ema import ModelEma
 from .evaluation import amp_dtype, eval_loader, evaluate
 from .memory import plan_grad_checkpointing
-from .models import build_finetune_model, build_pretrain_model, pretrain_model_keys
+from .models import build_finetune_model, build_pretrain_model, pretrain_model_keys, start_of
 from .optim import absolute_lr, build_optimizer, lr_at, set_lr
 from .rng import capture_rng, restore_rng, seed_all
 from .run import Run  # also importable from here: ``from convnextv2_hub.train.engine import Run``
@@ -133,10 +133,12 @@ class _Setup:
     env: DistEnv
     out: Path
     logger: Logger
-    update_freq: int
-    eff_batch: int
-    lr: float
     resolved: Dict[str, Any]  # cfg with update_freq and lr as run: config.json and the training state
+    # Set once the data set's size is known (``_fit_batch``):
+    update_freq: int = 0
+    eff_batch: int = 0
+    lr: float = 0.0
+    adapted: List[str] = field(default_factory=list)  # notices of the recipe values adapted to this run
 
     @property
     def mode(self) -> str:
@@ -157,6 +159,7 @@ class _Data:
     batch_size: int
     micro_per_epoch: int  # forward passes per epoch, a multiple of update_freq
     steps_per_epoch: int  # optimiser steps per epoch
+    prep: Any = None  # the evaluation preprocessing (``data.EvalPreprocessing``), which the weights files record
 
 
 @dataclass
@@ -262,19 +265,33 @@ def _refuse_earlier_run(run: Run, env: DistEnv, out: Path) -> None:
 
 
 def _setup(run: Run, env: DistEnv, out: Path) -> _Setup:
-    """The log, the seeds, the effective batch and the lr (the output folder is made later, by ``_make_output``)."""
+    """The log and the seeds (the output folder is made later, by ``_make_output``; the batch and lr once the
+    data set's size is known, by ``_fit_batch``)."""
     cfg = C.device_defaults(run.cfg, env.device.type)
     logger = Logger(out, env, cfg["tensorboard"])
     set_backends(cfg, env, logger)
     seed_all(cfg["seed"] + env.rank)
-    update_freq, eff_batch = C.effective_batch(cfg, env.world_size)
-    lr = absolute_lr(cfg, eff_batch)
-    if lr > C.MAX_LR:
-        raise C.ConfigError(f"lr = blr * {eff_batch} / 256 = {lr:.3g} is above {C.MAX_LR:g}: lower blr or the batch")
-    if cfg["eff_batch_size"] and eff_batch != cfg["eff_batch_size"] and cfg["lr"] is None:
-        logger.info(f"note: effective batch {eff_batch} differs from the recipe's {cfg['eff_batch_size']}; "
-                    f"lr = blr * {eff_batch} / 256 = {lr:.3g}")
-    return _Setup(run, cfg, env, out, logger, update_freq, eff_batch, lr, dict(cfg, update_freq=update_freq, lr=lr))
+    for notice in run.adapted:
+        logger.info(f"adapted {notice}")
+    return _Setup(run, cfg, env, out, logger, dict(cfg), adapted=list(run.adapted))
+
+
+def _fit_batch(s: _Setup, samples: int) -> None:
+    """The effective batch and the lr, once the training images per process (``samples``) are known: a
+    recipe batch larger than the data set is adapted (``config.fit_batch``) unless the user fixed it."""
+    cfg, logger = s.cfg, s.logger
+    notice = C.fit_batch(cfg, s.env.world_size, samples, s.run.fixed, s.run.strict_recipe)
+    if notice is not None:
+        logger.info(f"adapted {notice}")
+        s.adapted.append(notice)
+    s.update_freq, s.eff_batch = C.effective_batch(cfg, s.env.world_size)
+    s.lr = absolute_lr(cfg, s.eff_batch)
+    if s.lr > C.MAX_LR:
+        raise C.ConfigError(f"lr = blr * {s.eff_batch} / 256 = {s.lr:.3g} is above {C.MAX_LR:g}: lower blr or the batch")
+    if cfg["eff_batch_size"] and s.eff_batch != cfg["eff_batch_size"] and cfg["lr"] is None:
+        logger.info(f"note: effective batch {s.eff_batch} differs from the recipe's {cfg['eff_batch_size']}; "
+                    f"lr = blr * {s.eff_batch} / 256 = {s.lr:.3g}")
+    s.resolved = dict(cfg, update_freq=s.update_freq, lr=s.lr)
 
 
 def set_backends(cfg: Dict[str, Any], env: DistEnv, logger: Logger) -> None:
@@ -291,8 +308,8 @@ def set_backends(cfg: Dict[str, Any], env: DistEnv, logger: Logger) -> None:
                     "(tf32=true); --set tf32=false for full float32")
 
 
-def _datasets(s: _Setup) -> Tuple[Any, Any, int]:
-    """(training set, validation set or None, class count; 0 for pre-training)."""
+def _datasets(s: _Setup) -> Tuple[Any, Any, int, Any]:
+    """(training set, validation set or None, class count (0 for pre-training), evaluation preprocessing)."""
     run, cfg = s.run, s.cfg
     train_loc = find_split(run.data_path, "train")
     if train_loc is None:
@@ -318,7 +335,7 @@ def _datasets(s: _Setup) -> Tuple[Any, Any, int]:
                 raise TrainingInputError(f"train/ and val/ have different class folders ({len(train_ds.classes)} vs {len(val_ds.classes)})")
         else:
             s.logger.info(f"note: no {run.data_path}/val: no evaluation during training")
-    return train_ds, val_ds, num_classes
+    return train_ds, val_ds, num_classes, prep
 
 
 def _check_classes(train_loc: Path, train_ds: Any) -> None:
@@ -336,15 +353,11 @@ def _check_classes(train_loc: Path, train_ds: Any) -> None:
 def _build_data(s: _Setup) -> _Data:
     """Datasets, the resumable training sampler and loader (its own seeded generator), the eval loader."""
     cfg, env = s.cfg, s.env
-    train_ds, val_ds, num_classes = _datasets(s)
-    bs = cfg["batch_size"]
+    train_ds, val_ds, num_classes, prep = _datasets(s)
     sampler = TrainSampler(len(train_ds), env.world_size, env.rank, seed=cfg["seed"])
+    _fit_batch(s, sampler.num_samples)
+    bs = cfg["batch_size"]
     micro_per_epoch = (sampler.num_samples // bs) // s.update_freq * s.update_freq
-    if micro_per_epoch == 0:
-        raise TrainingInputError(
-            f"{len(train_ds)} images are fewer than one optimiser step needs "
-            f"(batch_size {bs} x update_freq {s.update_freq} x {env.world_size} processes)"
-        )
     num_workers = cfg["num_workers"] if cfg["num_workers"] is not None else default_num_workers()
     loader_gen = torch.Generator()
     loader_gen.manual_seed(cfg["seed"] + env.rank)
@@ -352,7 +365,7 @@ def _build_data(s: _Setup) -> _Data:
                          drop_last=True)
     val_loader, val_shard = eval_loader(val_ds, cfg, env, num_workers) if val_ds is not None else (None, False)
     return _Data(train_ds, sampler, loader, loader_gen, val_loader, val_shard, num_classes, bs,
-                 micro_per_epoch, micro_per_epoch // s.update_freq)
+                 micro_per_epoch, micro_per_epoch // s.update_freq, prep)
 
 
 def _build_model(s: _Setup, data: _Data, state: Optional[Dict[str, Any]]) -> _Model:
@@ -361,10 +374,14 @@ def _build_model(s: _Setup, data: _Data, state: Optional[Dict[str, Any]]) -> _Mo
     cfg, env = s.cfg, s.env
     if state is not None:
         _set_model_keys(s, state["config"], "the checkpoint being resumed")
+    start_of(s.run)  # resolved once, before the run is copied with its final config
     run = replace(s.run, cfg=cfg)
-    raw: nn.Module = build_pretrain_model(run) if s.mode == "pretrain" else build_finetune_model(run, data.num_classes, s.logger)
     if s.mode == "pretrain":
+        s.logger.info(start_of(run).describe(s.mode))
+        raw: nn.Module = build_pretrain_model(run)
         _set_model_keys(s, pretrain_model_keys(raw), f"the --init file {s.run.init}")
+    else:
+        raw = build_finetune_model(run, data.num_classes, s.logger)
     raw.to(env.device)
     if cfg["channels_last"]:
         raw.to(memory_format=torch.channels_last)
@@ -460,9 +477,10 @@ def _write_config(s: _Setup, data: _Data) -> None:
     run, env = s.run, s.env
     meta = {
         "mode": s.mode, "model": run.model, "data_path": run.data_path, "output_dir": str(s.out), "recipe": run.recipe,
-        "finetune": run.init, "pretrained": run.pretrained, "device": str(env.device), "world_size": env.world_size,
-        "effective_batch": s.eff_batch, "num_classes": data.num_classes, "train_images": len(data.train_ds),
-        "steps_per_epoch": data.steps_per_epoch,
+        "finetune": run.init, "pretrained": run.pretrained, "start": start_of(run).as_dict(), "device": str(env.device),
+        "world_size": env.world_size, "effective_batch": s.eff_batch, "num_classes": data.num_classes,
+        "train_images": len(data.train_ds), "steps_per_epoch": data.steps_per_epoch, "adapted": s.adapted,
+        "strict_recipe": run.strict_recipe,
     }
     if env.is_main:
         atomic_write_json(s.out / "config.json", {"run": meta, "config": s.resolved, "sources": run.notes})
@@ -704,22 +722,40 @@ def _save_state(s: _Setup, data: _Data, model: _Model, progress: _Progress, epoc
 
 def _save_weights(s: _Setup, data: _Data, model: _Model, progress: _Progress, epoch: int) -> None:
     """The weights as safetensors (rank 0): the whole FCMAE, or the classifier and its EMA, which
-    ``save_checkpoint`` describes with the ImageFolder's class names (``model.label_names``)."""
+    ``save_checkpoint`` describes with the ImageFolder's class names (``model.label_names``), the
+    preprocessing the run evaluated with and the released checkpoint it started from (if any). Every file
+    names the run's start (``start``: a checkpoint name, a path, or ``random``)."""
     if not s.env.is_main:
         return
-    info = {"epoch": str(epoch), "global_step": str(progress.global_step), "recipe": str(s.run.recipe)}
+    info = {"epoch": str(epoch), "global_step": str(progress.global_step), "recipe": str(s.run.recipe),
+            "start": start_of(s.run).label()}
     if s.mode == "pretrain":
-        model.raw.save(s.out / WEIGHTS_FILE)
+        model.raw.save(s.out / WEIGHTS_FILE, metadata=dict(info, input_size=str(s.cfg["input_size"])))
     else:
         from ..checkpoints.io import save_checkpoint
 
         names = _class_names(s, data)
         for m in (model.raw, model.ema.module if model.ema is not None else None):
-            if m is not None and names is not None:
-                m.label_names = names
+            if m is not None:
+                _describe_trained(m, data, names)
         save_checkpoint(model.raw, s.out / WEIGHTS_FILE, metadata=info)
         if model.ema is not None:
             save_checkpoint(model.ema.module, s.out / EMA_WEIGHTS_FILE, metadata=dict(info, ema="true"))
+
+
+def _describe_trained(m: nn.Module, data: _Data, names: Optional[List[str]]) -> None:
+    """What ``save_checkpoint`` writes about a trained classifier: its class names, and its checkpoint entry
+    with the preprocessing the run evaluated with (the run's ``input_size``, not the base checkpoint's)."""
+    import dataclasses
+
+    from ..checkpoints.io import preprocessing_of
+
+    if names is not None:
+        m.label_names = names
+    p = data.prep
+    m.checkpoint = dataclasses.replace(preprocessing_of(m), num_classes=data.num_classes, resolution=p.resolution,
+                                       crop_pct=p.crop_pct, crop_mode=p.crop_mode, interpolation=p.interpolation,
+                                       mean=tuple(p.mean), std=tuple(p.std))
 
 
 def _class_names(s: _Setup, data: _Data) -> Optional[List[str]]:

@@ -1,6 +1,6 @@
-"""The model a run trains: the classifier for fine-tuning (recipe drop path and head init, ``--init``
-weights) or the FCMAE for pre-training, both with the config's architecture switches (``block``,
-``grn``, ``grn_*``; ``grn_at`` decides where GRN is: paper Table 2f)."""
+"""The model a run trains: the classifier for fine-tuning (recipe drop path and head init, weights from its
+start: ``start.Start``) or the FCMAE for pre-training, both with the config's architecture switches
+(``block``, ``grn``, ``grn_*``; ``grn_at`` decides where GRN is: paper Table 2f)."""
 from __future__ import annotations
 
 import warnings
@@ -11,6 +11,7 @@ from torch import nn
 from .config import arch_switches
 from .run import Run, TrainingInputError
 from .runlog import Logger
+from .start import Start, resolve_start
 
 
 def _variant(model_name: str) -> str:
@@ -19,31 +20,58 @@ def _variant(model_name: str) -> str:
     return parse_model_name(model_name)[0]
 
 
+def start_of(run: Run) -> Start:
+    """``run.start``, resolved from its flags when the run was built without one (the Python API)."""
+    if run.start is None:
+        run.start = resolve_start(run.mode, run.model, run.init, run.pretrained)
+    return run.start
+
+
 def build_finetune_model(run: Run, num_classes: int, logger: Logger) -> nn.Module:
-    """``create()`` with the recipe's drop path and head init scale; then ``--init`` weights (an
-    FCMAE file keeps the fresh, scaled head and norm; a head of another class count is replaced)."""
-    from ..checkpoints.io import load_checkpoint
+    """``create()`` with the recipe's drop path and head init scale, its weights from the run's start: a
+    released checkpoint (downloaded), a file, or random weights. A head of another class count, or none (FCMAE
+    weights), is replaced by a fresh, scaled one; an FCMAE file also keeps the fresh final norm. The model's
+    ``base_checkpoint`` names the released weights it descends from (None for a random start), for the
+    checkpoints the run writes."""
+    from ..checkpoints.download import CheckpointDownloadError
     from ..models.factory import create
 
-    cfg = run.cfg
+    cfg, start = run.cfg, start_of(run)
     switches = arch_switches(cfg, "finetune")
-    model = create(run.model, pretrained=run.pretrained, num_classes=num_classes, drop_path_rate=cfg["drop_path"],
-                   head_init_scale=cfg["head_init_scale"], **switches)
-    if run.init:
-        _check_file_switches(run.init, arch_switches(cfg, "pretrain"), "--init")
-        # Table 2f: GRN pre-trained but not fine-tuned is dropped; fine-tuned but not pre-trained starts fresh.
-        transfer = {"pretrain_only": "drop", "finetune_only": "fresh"}.get(cfg["grn_at"])
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            report = load_checkpoint(model, run.init, grn_transfer=transfer)
-        for w in caught:
-            logger.info(f"note: {w.message}")
+    kw = dict(num_classes=num_classes, drop_path_rate=cfg["drop_path"], head_init_scale=cfg["head_init_scale"], **switches)
+    logger.info(start.describe(run.mode))
+    if start.kind == "checkpoint" and switches:
+        raise TrainingInputError(
+            f"the architecture switches {switches} need weights made with them, and {start.source} is the released "
+            "ConvNeXt V2: pass --init PATH (a pre-training of this architecture) or --init none (random weights)")
+    # Table 2f: GRN pre-trained but not fine-tuned is dropped; fine-tuned but not pre-trained starts fresh.
+    transfer = {"pretrain_only": "drop", "finetune_only": "fresh"}.get(cfg["grn_at"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if start.kind == "checkpoint":
+            try:
+                model = create(start.source, pretrained=True, **kw)
+            except CheckpointDownloadError as e:
+                raise TrainingInputError(f"{e}\n{start.download_advice()}") from e
+            model.base_checkpoint = start.source
+        else:
+            model = create(run.model, **kw)
+            model.base_checkpoint = None  # a file of ours states its own when it is loaded below
+        report = None
+        if start.kind == "file":
+            from ..checkpoints.io import load_checkpoint
+
+            _check_file_switches(start.source, arch_switches(cfg, "pretrain"), "--init")
+            report = load_checkpoint(model, start.source, grn_transfer=transfer)
+    for w in caught:
+        logger.info(f"note: {w.message}")
+    if report is not None:
         if report.dropped:
-            logger.info(f"grn_at=pretrain_only: dropped the {len(report.dropped)} GRN tensors of {run.init} "
+            logger.info(f"grn_at=pretrain_only: dropped the {len(report.dropped)} GRN tensors of {start.source} "
                         "(the fine-tuned model has no GRN)")
         if "grn" in report.reinitialized:
-            logger.info(f"grn_at=finetune_only: GRN is freshly initialised ({run.init} has none)")
-        logger.info(f"loaded {run.init} ({report.format}); kept fresh: {report.reinitialized or 'nothing'}")
+            logger.info(f"grn_at=finetune_only: GRN is freshly initialised ({start.source} has none)")
+        logger.info(f"loaded {start.source} ({report.format}); kept fresh: {report.reinitialized or 'nothing'}")
     return model
 
 
@@ -69,9 +97,10 @@ def build_pretrain_model(run: Run) -> nn.Module:
     cfg = run.cfg
     kw = dict(mask_ratio=cfg["mask_ratio"], norm_pix_loss=cfg["norm_pix_loss"], encoder_masking=cfg["encoder_masking"])
     switches = arch_switches(cfg, "pretrain")
-    if run.init:
-        _check_file_switches(run.init, switches, "--init")
-        model = FCMAE.from_checkpoint(run.init, drop_path_rate=cfg["drop_path"], **kw)
+    start = start_of(run)
+    if start.kind == "file":
+        _check_file_switches(start.source, switches, "--init")
+        model = FCMAE.from_checkpoint(start.source, drop_path_rate=cfg["drop_path"], **kw)
     else:
         model = FCMAE(
             convnextv2(_variant(run.model), num_classes=0, drop_path_rate=cfg["drop_path"], **switches),

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
+
+from .start import Start
 
 
 class TrainingInputError(ValueError):
@@ -27,3 +29,11 @@ class Run:
     device: str = "auto"
     recipe: Optional[str] = None
     notes: Dict[str, str] = field(default_factory=dict)
+    # Where the weights start (``start.resolve_start``); None: resolved from init / pretrained when the run begins.
+    start: Optional[Start] = None
+    # Config keys the user set (``--set``, ``--batch-size``, ...): never adapted to the data set.
+    fixed: Tuple[str, ...] = ()
+    # Refuse, instead of adapting, recipe values that do not fit the data set (``--strict-recipe``).
+    strict_recipe: bool = False
+    # Notices of the recipe values already adapted when the config was resolved (``config.fit_schedule``).
+    adapted: List[str] = field(default_factory=list)

@@ -58,6 +58,14 @@ def test_create_without_num_classes_builds_the_described_head_and_names(named_fi
     assert len(top) == 3 and all(name in NAMES for name, _ in top)
 
 
+def test_create_without_a_name_builds_the_size_the_file_holds(named_file):
+    model, path = named_file
+    loaded = cvh.create(checkpoint_path=path)
+    assert loaded.variant == "atto" and loaded.label_names == NAMES and loaded.weights_file == str(path)
+    with pytest.raises(ValueError, match="holds a ConvNeXt V2-Atto, not 'tiny'"):
+        cvh.create("tiny", checkpoint_path=path)  # refused from the metadata, before a Tiny is built
+
+
 def test_explicit_other_num_classes_still_means_a_fresh_head_without_the_names(named_file):
     _, path = named_file
     with pytest.warns(UserWarning, match="10-class head but the model has 4 classes"):
@@ -161,7 +169,7 @@ def test_trainer_checkpoint_names_the_folders_classes(tmp_path, capsys):
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert train_main(["finetune", "--model", "atto", "--data", str(data), "--output", str(out), "--num-workers", "0",
+        assert train_main(["finetune", "--model", "atto", "--data", str(data), "--output", str(out), "--init", "none", "--num-workers", "0",
                            "--set", "update_freq=1", "--set", "warmup_epochs=0", "--set", "use_amp=false",
                            "--set", "epochs=1", "--set", "batch_size=16", "--set", "input_size=32"]) == 0
     finally:
@@ -171,7 +179,7 @@ def test_trainer_checkpoint_names_the_folders_classes(tmp_path, capsys):
     for ema in out.glob("*ema*.safetensors"):
         assert json.loads(read_metadata(ema)["label_names"]) == ["one", "zero"]
     capsys.readouterr()
-    assert cli_main(["predict", sample_image_path(), "--model", "atto", "--checkpoint-path", str(weights),
+    assert cli_main(["predict", sample_image_path(), "--checkpoint-path", str(weights),  # no --model: the file's size
                      "--topk", "2", "--json"]) == 0
     top = json.loads(capsys.readouterr().out)[0]["topk"]
     assert sorted(entry[0] if isinstance(entry, list) else entry["label"] for entry in top) == ["one", "zero"]

@@ -130,11 +130,17 @@ def test_bad_arguments(model, tmp_path):
 
 
 # --- the command ------------------------------------------------------------------------------
+DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
+    """A 10-class Atto file that describes itself, as a fine-tune from the released FCMAE weights writes it."""
     from convnextv2_hub.checkpoints.io import save_checkpoint
 
-    return save_checkpoint(_randomised(1, num_classes=10), tmp_path_factory.mktemp("w") / "atto10.safetensors")
+    model = _randomised(1, num_classes=10)
+    model.label_names, model.base_checkpoint = DIGITS, "atto.fcmae"
+    return save_checkpoint(model, tmp_path_factory.mktemp("w") / "atto10.safetensors")
 
 
 def _cli(*args):
@@ -143,11 +149,14 @@ def _cli(*args):
 
 def test_cli_exports_and_overwrites(weights, tmp_path, capsys):
     out = tmp_path / "atto.onnx"
-    base = ["atto", "--checkpoint-path", weights, "--num-classes", 10, "--image-size", SIZE, "--onnx", out]
+    # No model name and no --num-classes: the file says its size and head.
+    base = ["--checkpoint-path", weights, "--image-size", SIZE, "--onnx", out]
     assert _cli(*base) == 0
     text = capsys.readouterr().out
     assert "verification PASSED (fp32" in text and "max|diff|" in text and "top-1 agreement" in text
-    assert ex.read_metadata(out)["num_classes"] == 10
+    meta = ex.read_metadata(out)
+    assert meta["num_classes"] == 10 and meta["variant"] == "atto" and meta["label_names"] == DIGITS
+    assert meta["checkpoint"] == str(weights) and meta["base_checkpoint"] == "atto.fcmae"  # the real source
     before = out.read_bytes()
     assert _cli(*base) == 1  # exists, no --overwrite
     assert "already exists" in capsys.readouterr().err and out.read_bytes() == before
@@ -166,6 +175,11 @@ def test_cli_failures_exit_non_zero_and_write_nothing(weights, tmp_path, capsys,
     err = capsys.readouterr().err
     assert err.startswith("convnextv2-export: error:") and message in err
     assert os.listdir(tmp_path) == []
+
+
+def test_cli_refuses_a_model_name_of_another_size_than_the_file(weights, tmp_path, capsys):
+    assert _cli("tiny", "--checkpoint-path", weights, "--onnx", tmp_path / "x.onnx") == 1
+    assert "holds a ConvNeXt V2-Atto, not 'tiny'" in capsys.readouterr().err and os.listdir(tmp_path) == []
 
 
 def test_cli_broken_checkpoint_file(tmp_path, capsys):

@@ -68,7 +68,7 @@ def test_persistent_workers_train_as_the_training_process_does(tmp_path):
     torch.set_num_threads(1)
     try:
         for workers in ("0", "1"):
-            assert main(["finetune", "--model", "atto", "--data", str(digits), "--output", str(tmp_path / workers),
+            assert main(["finetune", "--model", "atto", "--data", str(digits), "--output", str(tmp_path / workers), "--init", "none",
                          "--num-workers", workers, *COMMON]) == 0
     finally:
         torch.set_num_threads(n)

@@ -88,7 +88,7 @@ RESUME_ARGS = ["--set", "epochs=4", "--set", "batch_size=8", "--set", "input_siz
 
 def test_exact_resume_after_sigkill_mid_epoch(tmp_path):
     data = write_digits(tmp_path / "digits", [0, 1], 32, 8)
-    base = ["finetune", "--model", "atto", "--data", str(data), *COMMON, *RESUME_ARGS]
+    base = ["finetune", "--model", "atto", "--data", str(data), "--init", "none", *COMMON, *RESUME_ARGS]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert main([*base, "--output", str(straight)]) == 0
 
@@ -129,7 +129,7 @@ def test_torchrun_two_processes_equal_one_process(tmp_path):
     # Drop path and mixup draw per-process randomness (seed + rank): off. Crop, RandAugment and
     # erasing are seeded per sample, so they stay on and are the same in both layouts.
     data = write_digits(tmp_path / "digits", [0, 1, 2], 11, 5)  # 33 images: 2 steps of 16 (+1 dropped)
-    args = ["finetune", "--model", "atto", "--data", str(data), *COMMON, "--set", "epochs=1", "--set", "input_size=32",
+    args = ["finetune", "--model", "atto", "--data", str(data), "--init", "none", *COMMON, "--set", "epochs=1", "--set", "input_size=32",
             "--set", "lr=1e-3", "--set", "drop_path=0", "--set", "mixup=0", "--set", "cutmix=0", "--set", "model_ema=false"]
     one, two = tmp_path / "one", tmp_path / "two"
     assert main([*args, "--output", str(one), "--set", "batch_size=16"]) == 0
@@ -152,7 +152,7 @@ def test_gradient_accumulation_equals_the_large_batch(tmp_path):
     # update_freq=2 x batch 8 is one optimiser step over the same 16 images as batch 16 (per-sample
     # seeded augmentation; no drop path or mixup, whose per-batch draws differ by construction).
     data = write_digits(tmp_path / "digits", [0, 1], 16, 2)
-    args = ["finetune", "--model", "atto", "--data", str(data), *COMMON, "--set", "epochs=1", "--set", "input_size=32",
+    args = ["finetune", "--model", "atto", "--data", str(data), "--init", "none", *COMMON, "--set", "epochs=1", "--set", "input_size=32",
             "--set", "lr=1e-3", "--set", "drop_path=0", "--set", "model_ema=false"]
     assert main([*args, "--output", str(tmp_path / "big"), "--set", "batch_size=16"]) == 0
     assert main([*args, "--output", str(tmp_path / "acc"), "--set", "batch_size=8", "--set", "update_freq=2"]) == 0

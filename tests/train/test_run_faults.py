@@ -94,7 +94,7 @@ CASES = {
     "all images unreadable": (_unreadable, False, "none of the first 6 images can be read"),
     "one class": (_one_class, False, "images of one class only (3): fine-tuning a classifier needs at least two"),
     "unreadable --init": (_bad_init, True, "is neither a PyTorch file"),
-    "missing --init": (lambda root, digits: ["--init", str(root / "nope.pt")], True, "does not exist"),
+    "missing --init": (lambda root, digits: ["--init", str(root / "nope.pt")], True, "nope.pt: no such file, and not a checkpoint name"),
     "missing --resume": (lambda root, digits: ["--resume", str(root / "nope.pt")], True, "nope.pt: no such file"),
 }
 
@@ -105,7 +105,8 @@ def test_input_errors_are_one_line_and_leave_no_run_folder(tmp_path, capsys, two
     root = tmp_path / "data"
     more = make(root, two_digit_classes)
     out = tmp_path / "run"
-    assert main(finetune(two_digit_classes if use_digits else root, out, *more)) == 1
+    # A --init that is neither a file nor a checkpoint name is a bad flag value, refused before anything is read: 2.
+    assert main(finetune(two_digit_classes if use_digits else root, out, *more)) == (2 if case == "missing --init" else 1)
     assert says in one_line(capsys.readouterr().err)
     assert not out.exists()  # no empty folder, no config.json of a run that never started
 
