@@ -40,6 +40,17 @@ Initialisation
     without an std; users report NaNs when fine-tuning, their issue #64). We do not copy it, and a
     passed-in encoder is never re-initialised (it may be pre-trained).
 
+Ablation switches (paper §3 and Table 1; defaults are the method above)
+    ``encoder_masking="dense"``: §3's "without sparse conv" row. The masked 32x32 patches of the image
+    are zeroed once, at the input, and the encoder runs as a plain dense ConvNeXt: its convolutions see
+    the zeroed patches and carry that (mask) information into visible positions, which the masked
+    computation prevents. Decoder and loss are unchanged (the decoder still puts ``mask_token`` at
+    masked cells). ``decoder``: ``"convnext"`` (above), ``"unet"`` / ``"unet_noskip"`` or
+    ``"transformer"`` (``models.decoders``; the UNet reads every encoder stage, which the masked-dense
+    path computes: same numbers as the sparse path). ``decoder_depth`` / ``decoder_dim`` are Table 1b/1c's
+    depth and width for every type. All of them go into ``config()``, so a saved file rebuilds the same
+    model; the encoder (``m.encoder``) is the same ConvNeXtV2 whatever the decoder.
+
 Inputs
     H and W must be multiples of 32, and need not be equal (the authors' ``patchify`` asserts a
     square input; nothing in the method needs it). ``patch_size`` must be 32, the encoder's total
@@ -54,19 +65,22 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoints.formats import split_fcmae_sparse
 from ..checkpoints.io import stage_layout
 from ..checkpoints.reading import is_safetensors, read_checkpoint_file, read_metadata, read_state_dict
 from ..files import PathLike, atomic_path
-from .convnextv2 import Block, ConvNeXtV2, convnextv2, init_weights
+from .convnextv2 import ConvNeXtV2, convnextv2, init_weights
+from .decoders import UNET_STRIDE, build_decoder, check_decoder, decoder_from_keys
 from .layers import at_least_float32
 from .variants import variant_of
 
 ENCODER_STRIDE = 32
 FORMAT = "convnextv2_hub.models.fcmae"
 FORMAT_VERSION = "1"
+ENCODER_MASKINGS = ("sparse", "dense")
 
 
 # --- masks and patches ----------------------------------------------------------------------------
@@ -93,6 +107,11 @@ def gen_random_mask(
     ids_restore = torch.argsort(torch.argsort(noise, dim=1), dim=1)  # rank of each cell's noise
     # A cell is kept when its noise ranks among the len_keep smallest: the authors' shuffle/unshuffle.
     return (ids_restore >= len_keep).float()
+
+
+def upsample_mask(mask: torch.Tensor, scale: int) -> torch.Tensor:
+    """(N, h, w) mask -> (N, h*scale, w*scale): each cell repeated over its scale x scale block."""
+    return mask.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
 
 
 def patchify(imgs: torch.Tensor, p: int = 32) -> torch.Tensor:
@@ -126,6 +145,8 @@ class FCMAE(nn.Module):
     drop_path_rate=drop_path_rate)``) or a ConvNeXtV2 used as it is (``drop_path_rate`` is then
     ignored: the encoder keeps its own). The encoder's final ``norm`` (and head, if any) are not used.
     ``sparse``: True = visible-rows fast path, False = dense-masked path, None = auto (sparse).
+    ``encoder_masking``: ``"sparse"`` (the masked computation) or ``"dense"`` (zeroed input patches,
+    plain dense convs: §3's ablation). ``decoder``: one of ``models.decoders.DECODERS``.
     """
 
     def __init__(
@@ -138,6 +159,8 @@ class FCMAE(nn.Module):
         norm_pix_loss: bool = True,
         sparse: Optional[bool] = None,
         drop_path_rate: float = 0.0,
+        encoder_masking: str = "sparse",
+        decoder: str = "convnext",
     ) -> None:
         super().__init__()
         if isinstance(encoder_or_variant, ConvNeXtV2):
@@ -154,8 +177,12 @@ class FCMAE(nn.Module):
             )
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
-        if decoder_depth < 0 or decoder_dim <= 0:
-            raise ValueError(f"need decoder_depth >= 0 and decoder_dim > 0, got {decoder_depth}, {decoder_dim}")
+        check_decoder(decoder, decoder_dim, decoder_depth)
+        if encoder_masking not in ENCODER_MASKINGS:
+            raise ValueError(f"encoder_masking must be one of {list(ENCODER_MASKINGS)}, got {encoder_masking!r}")
+        if encoder_masking == "dense" and sparse:
+            raise ValueError("sparse=True is the masked computation's fast path; encoder_masking='dense' runs "
+                             "plain dense convolutions: leave sparse at None")
         self.mask_ratio = float(mask_ratio)
         self.patch_size = patch_size
         self.decoder_dim = decoder_dim
@@ -163,12 +190,15 @@ class FCMAE(nn.Module):
         self.norm_pix_loss = bool(norm_pix_loss)
         # Auto = sparse: never slower than dense-masked at any ratio we measured (module docstring).
         self.sparse = True if sparse is None else bool(sparse)
+        self.encoder_masking = encoder_masking
+        self.decoder_type = decoder
 
         # Module names are the authors' (proj, mask_token, decoder.{i}, pred) so their keys map 1:1.
         self.proj = nn.Conv2d(self.encoder.num_features, decoder_dim, kernel_size=1)
         self.mask_token = nn.Parameter(torch.zeros(1, decoder_dim, 1, 1))
-        self.decoder = nn.Sequential(*[Block(decoder_dim, 0.0) for _ in range(decoder_depth)])
-        self.pred = nn.Conv2d(decoder_dim, patch_size * patch_size * 3, kernel_size=1)
+        self.decoder, out_dim, self.pred_stride = build_decoder(decoder, decoder_dim, decoder_depth, self.encoder.dims[:3])
+        # One position of the decoder's output map predicts its pred_stride x pred_stride pixels.
+        self.pred = nn.Conv2d(out_dim, self.pred_stride * self.pred_stride * 3, kernel_size=1)
         for part in (self.proj, self.decoder, self.pred):
             part.apply(init_weights)  # std 0.02, zero bias; GRN is zero and LayerNorm 1/0 by construction
         nn.init.normal_(self.mask_token, std=0.02)
@@ -189,21 +219,37 @@ class FCMAE(nn.Module):
         return height // ENCODER_STRIDE, width // ENCODER_STRIDE
 
     def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Encoder output (N, C3, h, w) with exact zeros at masked cells; ``mask`` (N, L) or (N, h, w)."""
+        """Encoder output (N, C3, h, w), with exact zeros at masked cells unless ``encoder_masking`` is
+        ``"dense"``; ``mask`` (N, L) or (N, h, w)."""
+        return self.forward_encoder_stages(imgs, mask, all_stages=False)[-1]
+
+    def forward_encoder_stages(self, imgs: torch.Tensor, mask: torch.Tensor, all_stages: bool = True) -> list[torch.Tensor]:
+        """The encoder's four stage maps (only the last one when ``all_stages`` is False)."""
         n, _, height, width = imgs.shape
         mask = mask.reshape(n, *self._grid(height, width))
+        if self.encoder_masking == "dense":
+            # Masked patches zeroed at the input only: no mask inside the network (§3's ablation).
+            keep = 1.0 - upsample_mask(mask.to(imgs.dtype), ENCODER_STRIDE)
+            return self.encoder.forward_stages(imgs * keep.unsqueeze(1))
+        if all_stages:
+            return self.encoder.forward_stages(imgs, mask)  # masked-dense: the sparse path's numbers
         if self.sparse:
-            return self.encoder.forward_features_sparse(imgs, mask)
-        return self.encoder.forward_features(imgs, mask)
+            return [self.encoder.forward_features_sparse(imgs, mask)]
+        return [self.encoder.forward_features(imgs, mask)]
 
-    def forward_decoder(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(N, C3, h, w) encoder map -> predictions (N, h*w, p*p*3)."""
-        n, _, h, w = x.shape
-        x = self.proj(x)
+    def forward_decoder(self, x: torch.Tensor | list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        """Encoder map (N, C3, h, w) (the UNet decoders: the list of stage maps) -> predictions (N, h*w, p*p*3)."""
+        stages = x if isinstance(x, (list, tuple)) else [x]
+        n, _, h, w = stages[-1].shape
+        x = self.proj(stages[-1])
         m = mask.reshape(n, 1, h, w).to(x.dtype)
         x = x * (1.0 - m) + self.mask_token.to(x.dtype) * m
-        x = self.decoder(x)
-        pred = self.pred(x)
+        if self.pred_stride == UNET_STRIDE:
+            if self.decoder.skip and len(stages) != 4:
+                raise ValueError("the UNet decoder with skips needs all four encoder stage maps (forward_encoder_stages)")
+            pixels = F.pixel_shuffle(self.pred(self.decoder(x, stages[:3])), UNET_STRIDE)  # (N, 3, H, W)
+            return patchify(pixels, self.patch_size)
+        pred = self.pred(self.decoder(x))
         return pred.flatten(2).transpose(1, 2)
 
     def target(self, imgs: torch.Tensor) -> torch.Tensor:
@@ -247,7 +293,7 @@ class FCMAE(nn.Module):
             if mask.numel() != n * h * w:
                 raise ValueError(f"mask must have N*h*w = {n}*{h}*{w} cells, got shape {tuple(mask.shape)}")
             mask = mask.reshape(n, h * w).to(device=imgs.device, dtype=torch.float32)
-        latent = self.forward_encoder(imgs, mask)
+        latent = self.forward_encoder_stages(imgs, mask, all_stages=self.decoder_type == "unet")
         pred = self.forward_decoder(latent, mask)
         loss = self.forward_loss(imgs, pred, mask)
         return loss, pred, mask
@@ -264,6 +310,8 @@ class FCMAE(nn.Module):
             decoder_dim=self.decoder_dim,
             decoder_depth=self.decoder_depth,
             norm_pix_loss=self.norm_pix_loss,
+            decoder=self.decoder_type,
+            encoder_masking=self.encoder_masking,
         )
 
     def save(self, path: PathLike) -> Path:
@@ -284,8 +332,9 @@ class FCMAE(nn.Module):
     def from_checkpoint(cls, path_or_state_dict: Union[PathLike, Mapping[str, Any]], **kw: Any) -> "FCMAE":
         """Rebuild an FCMAE from (a) a file written by :meth:`save`, (b) the authors' pre-training
         checkpoint (``{'model': ..., 'args': ...}`` with the Minkowski ``encoder.*`` keys), or a
-        state dict of either layout. Architecture comes from the tensor shapes, the other
-        hyper-parameters from our metadata or the authors' ``args``; ``kw`` overrides both.
+        state dict of either layout. Architecture (decoder type, depth and width included) comes from
+        the tensor names and shapes, the other hyper-parameters (``encoder_masking`` too) from our
+        metadata or the authors' ``args``; ``kw`` overrides both.
 
         Loading is strict: every decoder key must be present and every shape must match. The only
         keys allowed to be absent are the encoder's final ``norm``/``head``, which FCMAE never uses
@@ -298,11 +347,14 @@ class FCMAE(nn.Module):
             raise ValueError("not an FCMAE checkpoint: no mask_token / pred.weight (an encoder-only file "
                              "such as the released *_fcmae.pt has no decoder and cannot continue pre-training)")
         decoder_dim = int(rest["mask_token"].shape[1])
-        decoder_depth = len({k.split(".")[1] for k in rest if k.startswith("decoder.")})
-        patch_size = int(round(math.sqrt(rest["pred.weight"].shape[0] / 3)))
+        # The decoder's type and depth come from its keys (a state dict without our metadata works too).
+        decoder, decoder_depth = decoder_from_keys(rest)
+        patch_size = ENCODER_STRIDE
+        if decoder in ("convnext", "transformer"):  # one position predicts its whole patch
+            patch_size = int(round(math.sqrt(rest["pred.weight"].shape[0] / 3)))
         args: Dict[str, Any] = dict(mask_ratio=0.6, norm_pix_loss=True)
-        args.update({k: v for k, v in config.items() if k in ("mask_ratio", "norm_pix_loss")})
-        args.update(patch_size=patch_size, decoder_dim=decoder_dim, decoder_depth=decoder_depth)
+        args.update({k: v for k, v in config.items() if k in ("mask_ratio", "norm_pix_loss", "encoder_masking")})
+        args.update(patch_size=patch_size, decoder_dim=decoder_dim, decoder_depth=decoder_depth, decoder=decoder)
         args.update(kw)
         drop_path_rate = args.pop("drop_path_rate", 0.0)
         encoder = ConvNeXtV2(depths=depths, dims=dims, num_classes=0, drop_path_rate=drop_path_rate)
@@ -381,8 +433,10 @@ def _encoder_layout(enc_sd: Mapping[str, torch.Tensor]) -> Tuple[Tuple[int, ...]
 
 
 __all__ = [
+    "ENCODER_MASKINGS",
     "FCMAE",
     "gen_random_mask",
     "patchify",
     "unpatchify",
+    "upsample_mask",
 ]

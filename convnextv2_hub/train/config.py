@@ -60,10 +60,12 @@ KEYS: Dict[str, Tuple[Any, str, str]] = {
     "crop_pct": (None, "float?", "eval crop fraction; null: the checkpoint's (0.875 below 384, squash at 384+)"),
     "imagenet_default_mean_and_std": (True, "bool", "ImageNet mean/std (false: 0.5/0.5)"),
     # --- FCMAE pre-training
-    "mask_ratio": (0.6, "float", "fraction of 32x32 patches masked"),
+    "mask_ratio": (0.6, "float", "fraction of 32x32 patches masked, in [0, 1) (Fig. 8 sweeps it)"),
     "norm_pix_loss": (True, "bool", "per-patch normalised reconstruction target"),
-    "decoder_depth": (1, "int", "decoder ConvNeXt V2 blocks"),
-    "decoder_embed_dim": (512, "int", "decoder width"),
+    "encoder_masking": ("sparse", "str", "'sparse' (masked computation, the method) or 'dense' (masked patches zeroed at the input only, plain dense convs: the paper's 'without sparse conv' row, section 3) [ours]"),
+    "decoder": ("convnext", "str", "FCMAE decoder (Table 1a): 'convnext' (ConvNeXt V2 blocks), 'unet', 'unet_noskip' or 'transformer' (MAE-style) [ours]"),
+    "decoder_depth": (1, "int", "decoder depth (Table 1b): ConvNeXt blocks, Transformer blocks, or conv units per UNet resolution"),
+    "decoder_embed_dim": (512, "int", "decoder width (Table 1c)"),
     "patch_size": (32, "int", "mask patch size (32: the encoder stride)"),
     # --- runtime
     "seed": (0, "int", "seed; process r uses seed + r for its own randomness"),
@@ -87,6 +89,10 @@ KEYS: Dict[str, Tuple[Any, str, str]] = {
 # Keys whose null means "the device's best": on for CUDA devices, off elsewhere (on CPUs, today's
 # float32 numerics and memory layout stay as they were). ``device_defaults`` fills them in.
 DEVICE_KEYS = ("channels_last", "tf32", "cudnn_benchmark", "fused_adamw")
+
+# Keys that say what the trained model is (its weights' names and shapes, and the ablation it
+# trains): a resumed run takes them from its checkpoint's config, whatever the command line says.
+MODEL_KEYS = ("encoder_masking", "decoder", "decoder_depth", "decoder_embed_dim", "patch_size")
 
 # Keys that come from command-line flags, not from recipes or --set.
 FLAG_KEYS = ("model", "data_path", "output_dir", "finetune", "pretrained", "resume", "device", "recipe")
@@ -287,6 +293,8 @@ def validate(cfg: Mapping[str, Any]) -> None:
         "opt": ("adamw",),
         "mixup_mode": ("batch",),
         "remode": ("pixel", "const"),
+        "encoder_masking": ("sparse", "dense"),
+        "decoder": ("convnext", "unet", "unet_noskip", "transformer"),
     }
     for k, allowed in choices.items():
         if cfg[k] not in allowed:

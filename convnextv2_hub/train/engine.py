@@ -43,7 +43,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -71,7 +71,7 @@ from .distributed import DistEnv, all_sum, barrier, init_distributed, shutdown
 from .ema import ModelEma
 from .evaluation import amp_dtype, eval_loader, evaluate
 from .memory import plan_grad_checkpointing
-from .models import build_finetune_model, build_pretrain_model
+from .models import build_finetune_model, build_pretrain_model, pretrain_model_keys
 from .optim import absolute_lr, build_optimizer, lr_at, set_lr
 from .rng import capture_rng, restore_rng, seed_all
 from .run import Run  # also importable from here: ``from convnextv2_hub.train.engine import Run``
@@ -216,9 +216,10 @@ def train(run: Run) -> Dict[str, Any]:
     try:
         _refuse_earlier_run(run, env, out)
         s = _setup(run, env, out)
+        state = _read_resume_state(s)
         data = _build_data(s)
-        model = _build_model(s, data)
-        progress = _resume(s, data, model)
+        model = _build_model(s, data, state)
+        progress = _resume(s, data, model, state)
         _make_output(s)  # only now: everything the run reads has been checked
         _write_config(s, data)
         _wrap_model(s, data, model)
@@ -354,10 +355,16 @@ def _build_data(s: _Setup) -> _Data:
                  micro_per_epoch, micro_per_epoch // s.update_freq)
 
 
-def _build_model(s: _Setup, data: _Data) -> _Model:
-    """The model on its device (memory format, grad checkpointing), EMA, AdamW and the grad scaler."""
+def _build_model(s: _Setup, data: _Data, state: Optional[Dict[str, Any]]) -> _Model:
+    """The model on its device (memory format, grad checkpointing), EMA, AdamW and the grad scaler.
+    Resuming, the model is the checkpoint's (``C.MODEL_KEYS`` from its config)."""
     cfg, env = s.cfg, s.env
-    raw: nn.Module = build_pretrain_model(s.run) if s.mode == "pretrain" else build_finetune_model(s.run, data.num_classes, s.logger)
+    if state is not None:
+        _set_model_keys(s, state["config"], "the checkpoint being resumed")
+    run = replace(s.run, cfg=cfg)
+    raw: nn.Module = build_pretrain_model(run) if s.mode == "pretrain" else build_finetune_model(run, data.num_classes, s.logger)
+    if s.mode == "pretrain":
+        _set_model_keys(s, pretrain_model_keys(raw), f"the --init file {s.run.init}")
     raw.to(env.device)
     if cfg["channels_last"]:
         raw.to(memory_format=torch.channels_last)
@@ -375,14 +382,20 @@ def _build_model(s: _Setup, data: _Data) -> _Model:
     return _Model(raw, ema, optimizer, scaler, amp)
 
 
-def _resume(s: _Setup, data: _Data, model: _Model) -> _Progress:
-    """The training state of ``--resume`` loaded into ``model`` and the loader's generator; where to
-    continue. The RNG states are returned, not restored: that happens last, just before the loop."""
-    progress = _Progress()
+def _set_model_keys(s: _Setup, values: Dict[str, Any], where: str) -> None:
+    """``C.MODEL_KEYS`` of ``values`` (those it has) into the run's config, with a note for each that
+    differs from what the recipe and ``--set`` said: the model is what ``where`` holds."""
+    for k in C.MODEL_KEYS:
+        if k in values and values[k] != s.cfg.get(k):
+            s.logger.info(f"note: {k} = {values[k]!r} from {where} (the config said {s.cfg.get(k)!r})")
+            s.cfg[k] = s.resolved[k] = values[k]
+
+
+def _read_resume_state(s: _Setup) -> Optional[Dict[str, Any]]:
+    """The training state ``--resume`` names (None without it), checked to be this trainer's and mode's."""
     ckpt_path = find_resume(s.run)
     if ckpt_path is None:
-        return progress
-    env, logger = s.env, s.logger
+        return None
     # The package's safe reader: weights only, nothing in the file runs, and one clear
     # CheckpointError for an empty, truncated or code-carrying file.
     try:
@@ -392,6 +405,19 @@ def _resume(s: _Setup, data: _Data, model: _Model) -> _Progress:
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("mode") != s.mode:
         raise TrainingInputError(f"{ckpt_path} is not a {s.mode} training state of this trainer ({STATE_FILE}); "
                                  "to start from weights, use --init")
+    state["path"] = str(ckpt_path)
+    return state
+
+
+def _resume(s: _Setup, data: _Data, model: _Model, state: Optional[Dict[str, Any]]) -> _Progress:
+    """The training state of ``--resume`` (``_read_resume_state``) loaded into ``model`` and the
+    loader's generator; where to continue. The RNG states are returned, not restored: that happens
+    last, just before the loop."""
+    progress = _Progress()
+    if state is None:
+        return progress
+    env, logger = s.env, s.logger
+    ckpt_path = state["path"]
     model.raw.load_state_dict(state["model"])
     if model.ema is not None and state.get("ema") is not None:
         model.ema.load_state_dict(state["ema"])

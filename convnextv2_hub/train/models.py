@@ -6,8 +6,8 @@ import warnings
 
 from torch import nn
 
-from .run import Run
 from ..files import PathLike
+from .run import Run
 from .runlog import Logger
 
 
@@ -38,14 +38,17 @@ def build_finetune_model(run: Run, num_classes: int, logger: Logger) -> nn.Modul
 def build_pretrain_model(run: Run) -> nn.Module:
     from ..models.fcmae import FCMAE
 
+    """The FCMAE of ``run.cfg`` (mask ratio, loss target, encoder masking, decoder type, depth and
+    width); with ``--init``, the file's decoder and weights (``FCMAE.from_checkpoint``)."""
     cfg = run.cfg
-    kw = dict(mask_ratio=cfg["mask_ratio"], norm_pix_loss=cfg["norm_pix_loss"])
+    kw = dict(mask_ratio=cfg["mask_ratio"], norm_pix_loss=cfg["norm_pix_loss"], encoder_masking=cfg["encoder_masking"])
     if run.init:
         model = FCMAE.from_checkpoint(run.init, drop_path_rate=cfg["drop_path"], **kw)
     else:
         model = FCMAE(
             _variant(run.model),
             patch_size=cfg["patch_size"],
+            decoder=cfg["decoder"],
             decoder_dim=cfg["decoder_embed_dim"],
             decoder_depth=cfg["decoder_depth"],
             drop_path_rate=cfg["drop_path"],
@@ -86,3 +89,10 @@ def load_trained_model(folder: PathLike) -> nn.Module:
     model = build_finetune_model(run, info["num_classes"], quiet)
     load_checkpoint(model, weights)
     return model
+
+
+def pretrain_model_keys(model: nn.Module) -> dict:
+    """The ``MODEL_KEYS`` config values of a built FCMAE (an ``--init`` file's decoder may differ from
+    the config's, and the run's config.json and checkpoints say what was trained)."""
+    return dict(encoder_masking=model.encoder_masking, decoder=model.decoder_type, decoder_depth=model.decoder_depth,
+                decoder_embed_dim=model.decoder_dim, patch_size=model.patch_size)

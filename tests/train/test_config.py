@@ -23,7 +23,8 @@ TABLES_9_11 = {
     # Base/Large: 6.25e-4 (authors' command), not the 6.25e-3 the paper prints (the recipe's note says why).
     "base": (6.25e-4, 0.05, 0.6, "group", 20, 100, 0.1, 0.8, 1.0, 0.1),
     "large": (6.25e-4, 0.05, 0.6, "group", 20, 100, 0.1, 0.8, 1.0, 0.2),
-    "huge": (1.25e-3, 0.05, 0.75, None, 10, 50, 0.1, 0.8, 1.0, 0.3),  # layer decay type not in the paper
+    # Appendix A.2: layer-wise decay is the default, group-wise is named for Base and Large only.
+    "huge": (1.25e-3, 0.05, 0.75, "single", 10, 50, 0.1, 0.8, 1.0, 0.3),
 }
 # (layer_decay, drop_path) for Table 12; (layer_decay, epochs, drop_path, ema) for Table 13
 TABLE_12 = {"nano": (0.9, 0.0), "tiny": (0.9, 0.0), "base": (0.8, 0.1), "large": (0.8, 0.1), "huge": (0.8, 0.3)}
@@ -45,6 +46,7 @@ def test_recipe_table_8_fcmae_pretrain():
         assert r["mask_ratio"] == 0.6 and r["patch_size"] == 32 and r["decoder_embed_dim"] == 512
         assert r["decoder_depth"] == 1 and r["norm_pix_loss"] is True and r["train_crop_scale"] == [0.2, 1.0]
         assert r["min_lr"] == 0.0 and r["layer_decay"] == 1.0
+        assert r["encoder_masking"] == "sparse" and r["decoder"] == "convnext"  # section 3's method
 
 
 @pytest.mark.parametrize("variant", list(TABLES_9_11))
@@ -53,8 +55,7 @@ def test_recipe_tables_9_to_11_finetune_in1k(variant):
     r = row("finetune_in1k", variant)
     assert (r["blr"], r["weight_decay"], r["layer_decay"], r["warmup_epochs"], r["epochs"]) == (blr, wd, ld, warm, ep)
     assert (r["smoothing"], r["mixup"], r["cutmix"], r["drop_path"]) == (sm, mix, cut, dp)
-    if ldt:
-        assert r["layer_decay_type"] == ldt
+    assert r["layer_decay_type"] == ldt
     # shared: AdamW (0.9, 0.999), batch 1024, RandAug(9, 0.5), head init 0.001, EMA 0.9999
     assert r["opt_betas"] == [0.9, 0.999] and r["eff_batch_size"] == 1024
     assert r["aa"].startswith("rand-m9-mstd0.5") and r["head_init_scale"] == 0.001
@@ -79,6 +80,33 @@ def test_recipe_tables_12_13(variant):
     assert (r["layer_decay"], r["epochs"], r["drop_path"], r["model_ema"]) == (ld, ep, dp, ema)
     if ema:
         assert r["model_ema_decay"] == 0.9999
+
+
+@pytest.mark.parametrize("variant", list(TABLE_12))
+def test_in22k_recipes_layer_decay_type_and_resolution(variant):
+    # Appendix A.2: group-wise layer decay for Base and Large, layer-wise for every other size.
+    ldt = "group" if variant in ("base", "large") else "single"
+    inter, last = row("finetune_in22k", variant), row("finetune_in22k_in1k", variant)
+    assert inter["layer_decay_type"] == last["layer_decay_type"] == ldt
+    # Section 5: 384x384 images in the IN-22K pipeline; the last stage runs at its Table 15 row's size
+    # (224 rows for N/T/B/L, Huge has 384 and 512 only).
+    assert inter["input_size"] == 384
+    assert last["input_size"] == (384 if variant == "huge" else 224)
+    # Pre-training: 224 (Table 14's IN-1K models); its note says what the IN-22K pipeline uses.
+    assert row("fcmae_pretrain", variant)["input_size"] == 224
+    assert "384" in C.load_recipe("fcmae_pretrain").row(variant)[1]["input_size"]
+
+
+def test_recipe_notes_cite_the_paper_not_files_outside_the_package():
+    for name in C.list_recipes():
+        r = C.load_recipe(name)
+        for v in r.sizes or ["atto"]:
+            notes = r.row(v)[1]
+            for key, text in notes.items():
+                assert "docs/" not in text and "README" not in text, (name, v, key, text)
+    notes = C.load_recipe("finetune_in1k").row("huge")[1]
+    assert "Appendix A.2" in notes["layer_decay_type"] and "[UNCERTAIN]" not in notes["layer_decay_type"]
+    assert "section 5" in C.load_recipe("finetune_in22k").row("tiny")[1]["input_size"]
 
 
 def test_recipe_file_notes_key_holds_notes_not_values(tmp_path):
