@@ -148,6 +148,7 @@ def _timm_key(k: str) -> str:
             "mlp.fc2.weight": "pwconv2.weight", "mlp.fc2.bias": "pwconv2.bias",
             "mlp.grn.weight": "grn.gamma", "mlp.grn.bias": "grn.beta",
             "norm.weight": "norm.weight", "norm.bias": "norm.bias",
+            "gamma": "gamma",  # ConvNeXt V1's LayerScale (timm ``convnext_*``): our block='v1' models
         }.get(m.group(3))
         return f"stages.{m.group(1)}.{m.group(2)}.{rest}" if rest else k
     m = re.match(r"^head\.(norm|fc)\.(weight|bias)$", k)

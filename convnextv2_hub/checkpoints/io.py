@@ -15,6 +15,11 @@ Five layouts are recognised and converted to it:
 ``hf``              transformers ``ConvNextV2ForImageClassification``/``ConvNextV2Model``
 ==================  ==========================================================================
 
+ConvNeXt V1 weights load into ``block="v1"`` models through the same converters: the ConvNeXt
+repository's ``{'model': sd}`` files are our layout with LayerScale ``stages.s.b.gamma`` (C,) and no
+GRN, timm's ``convnext_*`` files its V2 layout with ``gamma`` (atto..nano's 1x1-conv MLP weights
+are reshaped to Linear ones, as for V2).
+
 Safety: pickled files are only ever read with ``torch.load(weights_only=True)``; a file that holds
 Python objects other than tensors and plain containers is refused with an explanation, never run.
 The one exception to the default allowlist is ``argparse.Namespace``, which the authors' training
@@ -79,7 +84,9 @@ class LoadReport:
     """What ``load_checkpoint`` did.
 
     ``reinitialized``: key prefixes (``'head'``, ``'norm'``) the checkpoint did not provide, left at
-    the model's own values. ``missing``/``unexpected``: only non-empty with ``strict=False``.
+    the model's own values (``'grn'``: every block's GRN, under ``grn_transfer="fresh"``).
+    ``dropped``: the checkpoint's tensors left unloaded on purpose (GRN under ``grn_transfer="drop"``).
+    ``missing``/``unexpected``: only non-empty with ``strict=False``.
     """
 
     format: str
@@ -87,12 +94,14 @@ class LoadReport:
     missing: List[str] = field(default_factory=list)
     unexpected: List[str] = field(default_factory=list)
     reinitialized: List[str] = field(default_factory=list)
+    dropped: List[str] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------------
 # Loading into a model
 # ------------------------------------------------------------------------------------------------
-def load_checkpoint(model: ConvNeXtV2, source: Source, strict: bool = True) -> LoadReport:
+def load_checkpoint(model: ConvNeXtV2, source: Source, strict: bool = True, *,
+                    grn_transfer: Optional[str] = None) -> LoadReport:
     """Load weights of any recognised format into ``model`` (copied into its dtype and device).
 
     * A head with a different class count, or no head in the checkpoint (FCMAE files), keeps the
@@ -105,13 +114,23 @@ def load_checkpoint(model: ConvNeXtV2, source: Source, strict: bool = True) -> L
       always raise.
     * A file of ours that describes itself (``read_description``) also sets ``model.label_names`` (when
       its head was loaded) and ``model.checkpoint`` (its stored preprocessing): see ``apply_description``.
+    * A file of ours (or an FCMAE file) stores its architecture switches (``read_arch``); switches that
+      differ from ``model.arch_options()`` raise ``CheckpointError`` naming both.
+    * ``grn_transfer`` (paper Table 2f) is the one way GRN weights may go unloaded, and only when asked:
+      ``"drop"`` removes the file's GRN tensors for a model without GRN (``grn="none"``), ``"fresh"``
+      keeps the model's freshly initialised GRN where the file has none; ``LoadReport.reinitialized``
+      says which happened. By default every GRN tensor loads or the load fails.
     """
+    if grn_transfer not in (None, "drop", "fresh"):
+        raise ValueError(f"grn_transfer must be None, 'drop' or 'fresh', got {grn_transfer!r}")
     where = describe_source(source)
     sd = read_state_dict(source)
     fmt = detect_format(sd)
     ckpt = to_ours(sd, fmt)
+    _check_arch(model, source, where, grn_transfer)
     target = model.state_dict()
     report = LoadReport(format=fmt, source=where)
+    ckpt = _transfer_grn(ckpt, target, grn_transfer, report)
 
     has_norm = "norm.weight" in target
     has_head = "head.weight" in target
@@ -146,7 +165,7 @@ def load_checkpoint(model: ConvNeXtV2, source: Source, strict: bool = True) -> L
         report.reinitialized.append("norm")
 
     kept = tuple(p + "." for p in report.reinitialized)
-    missing = [k for k in target if k not in ckpt and not k.startswith(kept)]
+    missing = [k for k in target if k not in ckpt and not k.startswith(kept) and not _fresh_grn(k, report)]
     unexpected = [k for k in ckpt if k not in target]
     mismatched = [k for k in ckpt if k in target and ckpt[k].shape != target[k].shape]
     if mismatched or (strict and (missing or unexpected)):
@@ -163,6 +182,52 @@ def load_checkpoint(model: ConvNeXtV2, source: Source, strict: bool = True) -> L
     if description is not None:
         apply_description(model, description, head_kept="head" in report.reinitialized)
     return report
+
+
+_GRN_KEY = re.compile(r"^stages\.\d+\.\d+\.grn\.")
+
+
+def _fresh_grn(key: str, report: LoadReport) -> bool:
+    return "grn" in report.reinitialized and bool(_GRN_KEY.match(key))
+
+
+def _transfer_grn(ckpt: Dict[str, Tensor], target: Mapping[str, Tensor], grn_transfer: Optional[str],
+                  report: LoadReport) -> Dict[str, Tensor]:
+    """``ckpt`` without its GRN tensors for ``grn_transfer="drop"``; for ``"fresh"`` the model's GRN is
+    marked as kept (``report.reinitialized``). Each refuses a pair it does not describe."""
+    own = [k for k in target if _GRN_KEY.match(k)]
+    theirs = [k for k in ckpt if _GRN_KEY.match(k)]
+    if grn_transfer == "drop":
+        if own:
+            raise CheckpointError("grn_transfer='drop' is for a model without GRN (grn='none'), but this model has "
+                                  f"{len(own)} GRN tensors ({own[0]}, ...)")
+        report.dropped = theirs
+        return {k: v for k, v in ckpt.items() if k not in set(theirs)}
+    if grn_transfer == "fresh":
+        if theirs:
+            raise CheckpointError(f"grn_transfer='fresh' is for a checkpoint without GRN, but it has {len(theirs)} GRN "
+                                  f"tensors ({theirs[0]}, ...): load it without grn_transfer")
+        report.reinitialized.append("grn")
+    return ckpt
+
+
+def _check_arch(model: torch.nn.Module, source: Source, where: str, grn_transfer: Optional[str]) -> None:
+    """Refuse a file whose stored architecture switches differ from the model's (GRN's place may
+    differ under ``grn_transfer``, which is what it is for)."""
+    stored = read_arch(source)
+    if stored is None or not hasattr(model, "arch_options"):
+        return
+    own = model.arch_options()
+
+    def relevant(options: Mapping[str, Any]) -> Dict[str, Any]:
+        return {k: v for k, v in options.items() if grn_transfer is None or not k.startswith("grn")}
+
+    if relevant(stored) != relevant(own):
+        args = ", ".join(f"{k}={v!r}" for k, v in stored.items()) or "no switches (the released ConvNeXt V2)"
+        raise CheckpointError(
+            f"checkpoint {where} was saved from a model with architecture switches {stored or '{}'}, but this model "
+            f"has {own or '{}'}: build the model for it (convnextv2_hub.create(..., checkpoint_path=...) does that by "
+            f"itself; by hand: {args})")
 
 
 def stage_layout(sd: Mapping[str, Tensor]) -> Tuple[Optional[Tuple[int, ...]], Optional[Tuple[int, ...]]]:
@@ -197,11 +262,25 @@ def _variant_hint(model: ConvNeXtV2, ckpt: Mapping[str, Tensor]) -> str:
                 f"{model_name or 'custom'!r} (dims {tuple(model.dims)}, depths {tuple(model.depths)}); "
                 f"create the model for it: convnextv2({v.name!r}, ...)."
             )
-    if dims is not None or depths is not None:
+    same = (dims is None or dims == tuple(model.dims)) and (depths is None or depths == tuple(model.depths))
+    if (dims is not None or depths is not None) and not same:
         return (
             f"\nThe checkpoint has dims {dims}, depths {depths}; the model has dims {tuple(model.dims)}, "
             f"depths {tuple(model.depths)}: build ConvNeXtV2(depths=..., dims=...) to match."
         )
+    return ""
+
+
+def _block_hint(model: ConvNeXtV2, ckpt: Mapping[str, Tensor]) -> str:
+    """A hint when the checkpoint's blocks are the other ConvNeXt generation than the model's."""
+    v1_file = any(re.match(r"^stages\.\d+\.\d+\.gamma$", k) for k in ckpt)
+    v2_file = any(_GRN_KEY.match(k) for k in ckpt)
+    block = getattr(model, "options", None) and model.options.block
+    if v1_file and block != "v1":
+        return ("This is a ConvNeXt V1 checkpoint (LayerScale 'gamma', no GRN): build the model with block='v1', "
+                "e.g. convnextv2_hub.create(..., block='v1').")
+    if v2_file and block == "v1":
+        return "This is a ConvNeXt V2 checkpoint (GRN): build the model without block='v1'."
     return ""
 
 
@@ -222,7 +301,7 @@ def _mismatch_message(model, ckpt, target, where, fmt, missing, unexpected, mism
     for kind, ks in (("mismatches", mismatched), ("missing", missing), ("unexpected", unexpected)):
         if len(ks) > MAX_LISTED:
             lines.append(f"  ({len(ks) - MAX_LISTED} more {kind} not listed)")
-    hint = _variant_hint(model, ckpt)
+    hint = _variant_hint(model, ckpt) or _block_hint(model, ckpt)
     if hint:
         lines.append(hint.strip("\n"))
     elif not mismatched:
@@ -323,7 +402,10 @@ def _save_ours(model: torch.nn.Module, path: Path, metadata: Optional[Dict[str, 
 # Self-description: what a file of ours says about its head, labels and preprocessing
 # ------------------------------------------------------------------------------------------------
 PREPROCESSING_FIELDS = ("resolution", "crop_pct", "crop_mode", "interpolation", "mean", "std")
-DESCRIPTION_KEYS = ("label_names", "preprocessing", "base_checkpoint")
+DESCRIPTION_KEYS = ("label_names", "preprocessing", "base_checkpoint", "arch")
+# The metadata entry that holds a model's non-default architecture switches (``arch_options()``) as a
+# JSON object; files of ours and FCMAE files write it, absent means the released ConvNeXt V2.
+ARCH_KEY = "arch"
 
 
 @dataclass(frozen=True)
@@ -363,7 +445,7 @@ def describe_model(model: torch.nn.Module) -> Dict[str, str]:
     """The description metadata ``save_checkpoint`` writes for ``model`` (safetensors metadata is str -> str,
     so lists and objects are JSON). Preprocessing is written only for a model that carries its checkpoint
     entry: for a bare ``ConvNeXtV2`` it would be a guess, and a guess read back later looks like a fact."""
-    meta: Dict[str, str] = {}
+    meta: Dict[str, str] = arch_metadata(model)
     names = real_label_names(model)
     if names is not None:
         meta["label_names"] = json.dumps(names)
@@ -372,6 +454,32 @@ def describe_model(model: torch.nn.Module) -> Dict[str, str]:
         meta["preprocessing"] = json.dumps({k: getattr(ckpt, k) for k in PREPROCESSING_FIELDS})
         meta["base_checkpoint"] = ckpt.name
     return meta
+
+
+def arch_metadata(model: torch.nn.Module) -> Dict[str, str]:
+    """``{"arch": JSON}`` for a model (or an FCMAE's encoder) with non-default architecture switches, else {}."""
+    options = model.arch_options() if hasattr(model, "arch_options") else {}
+    return {ARCH_KEY: json.dumps(options, sort_keys=True)} if options else {}
+
+
+def read_arch(source: Source) -> Optional[Dict[str, Any]]:
+    """The architecture switches a safetensors file of ours (or an FCMAE file) was saved with: {} for the
+    released architecture; None for anything else (other formats do not say, and load by their keys)."""
+    if isinstance(source, Mapping) or not Path(source).is_file() or not is_safetensors(source):
+        return None
+    meta = read_metadata(source)
+    if not str(meta.get("format", "")).startswith("convnextv2_hub"):
+        return None
+    if ARCH_KEY not in meta:
+        return {}
+    try:
+        options = json.loads(meta[ARCH_KEY])
+    except ValueError:
+        options = None
+    if not isinstance(options, dict):
+        raise CheckpointError(f"checkpoint {describe_source(source)}: metadata {ARCH_KEY!r} is not a JSON object "
+                              f"({meta[ARCH_KEY][:80]!r}); it must hold the model's architecture switches")
+    return options
 
 
 def read_description(source: Source) -> Optional[CheckpointDescription]:
@@ -460,6 +568,13 @@ def _check_writable(model: torch.nn.Module, fmt: str) -> None:
                 f"an FCMAE model cannot be saved as {fmt}: its decoder, projection and mask token exist only in "
                 f"our format (format='ours' keeps them). The {fmt} format holds the encoder: save model.encoder")
         raise TypeError(f"save_checkpoint writes a ConvNeXtV2, got {type(model).__name__}")
+    options = model.arch_options()
+    if options and not (fmt == "authors" and options == {"block": "v1"}):
+        # The authors' {"model": sd} layout of a V1 model is exactly the ConvNeXt V1 repository's files.
+        raise ValueError(
+            f"a model with architecture switches {options} cannot be saved as {fmt}: that format's loaders build the "
+            "released ConvNeXt V2 and have no place for the switches. Save it with format='ours', which stores them"
+            + (" (format='authors' writes a block='v1' model as the ConvNeXt V1 repository's files)" if "block" in options else ""))
     if model.features_only and fmt in ("timm", "hf"):
         raise ValueError(
             f"a features_only model has no final LayerNorm, which every {fmt} ConvNeXt V2 has: create the model "
@@ -549,12 +664,15 @@ __all__ = [
     "LoadReport",
     "SAVE_FORMATS",
     "PREPROCESSING_FIELDS",
+    "ARCH_KEY",
     "apply_description",
+    "arch_metadata",
     "describe_model",
     "described_num_classes",
     "detect_format",
     "load_checkpoint",
     "preprocessing_of",
+    "read_arch",
     "read_description",
     "read_metadata",
     "real_label_names",

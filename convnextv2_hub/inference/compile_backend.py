@@ -102,8 +102,8 @@ def grn_two_step(grn: GRN, x: torch.Tensor) -> torch.Tensor:
     """
     n, h, w, c = x.shape
     rows = GRN_PARTIAL_ROWS
-    if (h * w) % rows:
-        return grn(x)
+    if (h * w) % rows or grn.aggregation != "l2" or grn.form not in ("full", "x_g"):
+        return grn(x)  # the ablations' other statistics are not a spatial L2 norm
     # Differs from grn_norms (one vector_norm) only in summation order, for speed: tests pin it to GRN.
     partial = at_least_float32(x).reshape(n, h * w // rows, rows, c).square().sum(2)
     gx = stored_once_when_compiled(partial).sum(1).sqrt().view(n, 1, 1, c)
@@ -138,7 +138,11 @@ def cpu_block_forward(block: Block, x: torch.Tensor, dwconv_ln_kernel: bool) -> 
     else:
         x = block.norm(block.dwconv(x).permute(0, 2, 3, 1))
     x = poly_gelu(block.pwconv1(x))
-    return shortcut + block.pwconv2(grn_two_step(block.grn, x)).permute(0, 3, 1, 2)
+    # The ablations' blocks (models.ablations): another module in GRN's place, V1's LayerScale.
+    x = block.pwconv2(grn_two_step(block.grn, x) if isinstance(block.grn, GRN) else block.grn(x))
+    if block.gamma is not None:
+        x = x * block.gamma
+    return shortcut + x.permute(0, 3, 1, 2)
 
 
 class _Segment(nn.Module):

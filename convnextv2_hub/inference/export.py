@@ -256,7 +256,7 @@ class _HalfGRN(GRN):
     """
 
     def __init__(self, grn: GRN) -> None:
-        super().__init__(grn.gamma.shape[-1], grn.eps)
+        super().__init__(grn.gamma.shape[-1], grn.eps, grn.aggregation, grn.normalization, grn.residual, grn.form)
         self.gamma = grn.gamma
         self.beta = grn.beta
 

@@ -9,29 +9,39 @@ the sparse (submanifold) convolution of the paper, with GRN statistics per image
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from .ablations import V1_LAYER_SCALE_INIT, ArchOptions, grn_slot
 from .layers import GRN, DropPath, LayerNorm2d
 from .sparse import SparseLayout, grn_rows
 from .variants import get_variant
 
 
 class Block(nn.Module):
-    """dwconv 7x7 -> LN -> Linear C->4C -> GELU -> GRN -> Linear 4C->C, plus residual. No LayerScale."""
+    """dwconv 7x7 -> LN -> Linear C->4C -> GELU -> GRN -> Linear 4C->C, plus residual. No LayerScale.
 
-    def __init__(self, dim: int, drop_path: float = 0.0) -> None:
+    ``options`` (``ablations.ArchOptions``) swaps GRN for another module in its place (``grn``, always
+    that attribute name, so GRN keeps the authors' keys) or makes this the ConvNeXt V1 block: nothing
+    in GRN's place and LayerScale ``gamma`` (C,), initialised to 1e-6, on the branch output.
+    """
+
+    def __init__(self, dim: int, drop_path: float = 0.0, options: Optional[ArchOptions] = None) -> None:
         super().__init__()
+        options = options or ArchOptions()
         self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pwconv1 = nn.Linear(dim, 4 * dim)
         self.act = nn.GELU()
-        self.grn = GRN(4 * dim)
+        self.grn = grn_slot(4 * dim, options)
         self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.gamma: Optional[nn.Parameter] = None
+        if options.block == "v1":
+            self.gamma = nn.Parameter(torch.full((dim,), V1_LAYER_SCALE_INIT))
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -41,9 +51,13 @@ class Block(nn.Module):
         if keep is not None:
             x = x * keep
         x = self.expand(x.permute(0, 2, 3, 1))  # NHWC: LN and both Linears act on the contiguous channel dim
+        keep_nhwc: Optional[torch.Tensor] = None
         if keep is not None:
-            x = x * keep.permute(0, 2, 3, 1)  # GRN statistics over visible positions only
-        x = self.pwconv2(self.grn(x))
+            keep_nhwc = keep.permute(0, 2, 3, 1)
+            x = x * keep_nhwc  # GRN statistics over visible positions only
+        x = self.pwconv2(self.grn(x, keep_nhwc))
+        if self.gamma is not None:
+            x = x * self.gamma
         x = x.permute(0, 3, 1, 2)
         if keep is not None:
             x = x * keep
@@ -59,10 +73,13 @@ class Block(nn.Module):
         ``rows`` (V, C) holds the visible positions of the NHWC map in ``layout.idx`` order. The 7x7
         depthwise conv runs dense on the map with zeros at masked positions (the submanifold conv:
         masked neighbours contribute nothing, masked outputs are never read back); LayerNorm, both
-        Linears, GELU and GRN run on the V visible rows only.
+        Linears, GELU and GRN (or what is in its place) run on the V visible rows only.
         """
         x = self.expand(layout.gather(self.dwconv(layout.scatter(rows))))
-        x = self.pwconv2(grn_rows(self.grn, x, layout))
+        x = grn_rows(self.grn, x, layout) if isinstance(self.grn, GRN) else self.grn.forward_rows(x, layout)
+        x = self.pwconv2(x)
+        if self.gamma is not None:
+            x = x * self.gamma
         if self.training and isinstance(self.drop_path, DropPath) and self.drop_path.drop_prob > 0.0:
             x = layout.per_image(x, self.drop_path)
         return rows + x
@@ -72,6 +89,9 @@ class ConvNeXtV2(nn.Module):
     """ConvNeXt V2: stem, four stages of Blocks, head (global average pool -> LayerNorm -> Linear).
 
     ``features_only=True`` drops the head and makes ``forward`` return the maps of ``out_indices``.
+    The paper's architecture ablations are switches (``block``, ``grn``, ``grn_aggregation``,
+    ``grn_normalization``, ``grn_residual``, ``grn_form``; see ``ablations.ArchOptions``); their
+    defaults are the released model, and ``arch_options()`` returns those that differ.
     """
 
     def __init__(
@@ -84,8 +104,15 @@ class ConvNeXtV2(nn.Module):
         head_init_scale: float = 1.0,
         features_only: bool = False,
         out_indices: Sequence[int] = (0, 1, 2, 3),
+        block: str = "v2",
+        grn: str = "grn",
+        grn_aggregation: str = "l2",
+        grn_normalization: str = "divisive",
+        grn_residual: bool = True,
+        grn_form: str = "full",
     ) -> None:
         super().__init__()
+        self.options = ArchOptions(block, grn, grn_aggregation, grn_normalization, grn_residual, grn_form)
         if len(depths) != 4 or len(dims) != 4:
             raise ValueError(f"depths and dims need 4 entries each, got {list(depths)} and {list(dims)}")
         if features_only and any(i not in range(4) for i in out_indices):
@@ -113,7 +140,7 @@ class ConvNeXtV2(nn.Module):
         self.stages = nn.ModuleList()
         for i, depth in enumerate(depths):
             start = sum(depths[:i])
-            self.stages.append(nn.ModuleList([Block(dims[i], rates[start + j]) for j in range(depth)]))
+            self.stages.append(nn.ModuleList([Block(dims[i], rates[start + j], self.options) for j in range(depth)]))
 
         if features_only:
             self.norm: nn.Module = nn.Identity()
@@ -126,6 +153,11 @@ class ConvNeXtV2(nn.Module):
             with torch.no_grad():
                 self.head.weight.mul_(head_init_scale)
                 self.head.bias.mul_(head_init_scale)
+
+    def arch_options(self) -> Dict[str, Any]:
+        """The architecture switches that differ from the released ConvNeXt V2 ({} for it): what a
+        checkpoint stores, and the keyword arguments that rebuild this architecture."""
+        return self.options.non_default()
 
     # --- timm-style API -------------------------------------------------------------------------
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -8,9 +8,9 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
-from ..checkpoints.io import described_num_classes, load_checkpoint
+from ..checkpoints.io import described_num_classes, load_checkpoint, read_arch
 from ..checkpoints.download import discard_cached_file, download_checkpoint, offline_mode
 from ..checkpoints.reading import CheckpointError, read_checkpoint_file
 from ..checkpoints.registry import Checkpoint, get_checkpoint, parse_model_name
@@ -30,6 +30,7 @@ def create(
     in_chans: int = 3,
     progress: bool = True,
     force_download: bool = False,
+    **switches: Any,
 ) -> ConvNeXtV2:
     """Build a ConvNeXt V2 from a name such as ``"tiny"``, ``"tiny.fcmae_ft_in1k"`` or
     ``"convnextv2_tiny.fcmae_ft_in22k_in1k_384"``.
@@ -42,6 +43,10 @@ def create(
       the usual start of a fine-tune. Default: the checkpoint's class count (0 for FCMAE encoders); for a
       ``checkpoint_path`` written by ``save_checkpoint``, the class count the file describes, and its
       label names and preprocessing are set on the model too (``model.label_names``, ``model.checkpoint``).
+    - ``switches``: the architecture ablations (``block``, ``grn``, ``grn_aggregation``,
+      ``grn_normalization``, ``grn_residual``, ``grn_form``; ``models.ablations.ArchOptions``). A
+      ``checkpoint_path`` file of ours stores its switches and the model is built with them; a switch
+      passed here that contradicts the file is an error. The released checkpoints are all the defaults.
     - Downloaded files are verified before use. A cached file that turns out unreadable is removed and
       downloaded once more (not in offline mode); ``force_download=True`` downloads it again regardless.
     """
@@ -52,6 +57,9 @@ def create(
         num_classes = described_num_classes(checkpoint_path)
     if num_classes is None:
         num_classes = ckpt.num_classes if (pretrained or tag) else 1000
+    if checkpoint_path is not None:
+        # The file's switches, then the caller's: load_checkpoint refuses them if they contradict the file.
+        switches = {**(read_arch(checkpoint_path) or {}), **switches}
     model = convnextv2(
         variant,
         num_classes=num_classes,
@@ -60,6 +68,7 @@ def create(
         features_only=features_only,
         out_indices=out_indices,
         in_chans=in_chans,
+        **switches,
     )
     model.checkpoint = ckpt
     if checkpoint_path is not None:

@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoints.formats import split_fcmae_sparse
-from ..checkpoints.io import stage_layout
+from ..checkpoints.io import arch_metadata, read_arch, stage_layout
 from ..checkpoints.reading import is_safetensors, read_checkpoint_file, read_metadata, read_state_dict
 from ..files import PathLike, atomic_path
 from .convnextv2 import ConvNeXtV2, convnextv2, init_weights
@@ -323,6 +323,7 @@ class FCMAE(nn.Module):
         path = Path(path)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": json.dumps(self.config())}
+        meta.update(arch_metadata(self.encoder))  # the encoder's ablation switches, read back by read_arch
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
@@ -336,7 +337,8 @@ class FCMAE(nn.Module):
         the tensor names and shapes, the other hyper-parameters (``encoder_masking`` too) from our
         metadata or the authors' ``args``; ``kw`` overrides both.
 
-        Loading is strict: every decoder key must be present and every shape must match. The only
+        The encoder's architecture switches (``ConvNeXtV2.arch_options``) come from the file's ``arch``
+        metadata, which :meth:`save` writes. Loading is strict: every decoder key must be present and every shape must match. The only
         keys allowed to be absent are the encoder's final ``norm``/``head``, which FCMAE never uses
         (the authors' checkpoints do not have them); they keep their fresh init.
         """
@@ -357,7 +359,8 @@ class FCMAE(nn.Module):
         args.update(patch_size=patch_size, decoder_dim=decoder_dim, decoder_depth=decoder_depth, decoder=decoder)
         args.update(kw)
         drop_path_rate = args.pop("drop_path_rate", 0.0)
-        encoder = ConvNeXtV2(depths=depths, dims=dims, num_classes=0, drop_path_rate=drop_path_rate)
+        arch = read_arch(path_or_state_dict) or {}  # a Mapping (a state dict) says nothing: the defaults
+        encoder = ConvNeXtV2(depths=depths, dims=dims, num_classes=0, drop_path_rate=drop_path_rate, **arch)
         encoder.variant = variant_of(depths, dims) or config.get("variant")
         model = cls(encoder, **args)
 

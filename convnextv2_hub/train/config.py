@@ -44,6 +44,14 @@ KEYS: Dict[str, Tuple[Any, str, str]] = {
     "model_ema": (False, "bool", "keep an EMA of the weights"),
     "model_ema_decay": (0.9999, "float", "EMA decay per optimiser step"),
     "model_ema_eval": (False, "bool", "evaluate the EMA weights too each epoch"),
+    # --- architecture ablations (paper Tables 2, 3, 16; models.ablations.ArchOptions) [ours]
+    "block": ("v2", "str", "'v2' (ConvNeXt V2) or 'v1' (ConvNeXt V1 block: LayerScale, no GRN) [ours]"),
+    "grn": ("grn", "str", "what sits in GRN's place: grn, none, lrn, bn, ln, se, cbam (Table 2d/2e) [ours]"),
+    "grn_aggregation": ("l2", "str", "GRN's aggregation: l2, l1, mean (Table 2a) [ours]"),
+    "grn_normalization": ("divisive", "str", "GRN's normalisation: divisive, standardize, inverse_sum (Table 2b) [ours]"),
+    "grn_residual": (True, "bool", "GRN's residual connection (Table 2c) [ours]"),
+    "grn_form": ("full", "str", "GRN's form: full X*N(G(X)), affine, x_g X*G(X), x_n X*N(X) (Table 16) [ours]"),
+    "grn_at": ("both", "str", "where GRN is used: both, pretrain_only (dropped when fine-tuning), finetune_only (added fresh at fine-tuning) (Table 2f) [ours]"),
     # --- augmentation and loss (fine-tuning)
     "aa": ("rand-m9-mstd0.5-inc1", "str?", "RandAugment policy 'rand-mM[-mstdS][-nN]'; null/'none': off"),
     "train_interpolation": ("bicubic", "str", "interpolation of the training crop"),
@@ -96,6 +104,9 @@ MODEL_KEYS = ("encoder_masking", "decoder", "decoder_depth", "decoder_embed_dim"
 
 # Keys that come from command-line flags, not from recipes or --set.
 FLAG_KEYS = ("model", "data_path", "output_dir", "finetune", "pretrained", "resume", "device", "recipe")
+
+# The config keys that are ConvNeXtV2 keyword arguments (``models.ablations.ArchOptions``' fields).
+ARCH_KEYS = ("block", "grn", "grn_aggregation", "grn_normalization", "grn_residual", "grn_form")
 
 DEFAULT_RECIPE = {"pretrain": "fcmae_pretrain", "finetune": "finetune_in1k"}
 # The key of a recipe row (``common`` or a size) that holds notes, not values: {config key: where its
@@ -295,6 +306,7 @@ def validate(cfg: Mapping[str, Any]) -> None:
         "remode": ("pixel", "const"),
         "encoder_masking": ("sparse", "dense"),
         "decoder": ("convnext", "unet", "unet_noskip", "transformer"),
+        "grn_at": ("both", "pretrain_only", "finetune_only"),
     }
     for k, allowed in choices.items():
         if cfg[k] not in allowed:
@@ -319,6 +331,32 @@ def validate(cfg: Mapping[str, Any]) -> None:
     if cfg["aa"] not in (None, "", "none"):
         parse_rand_augment(cfg["aa"])
     _validate_numbers(cfg)
+    _validate_arch(cfg)
+
+
+def _validate_arch(cfg: Mapping[str, Any]) -> None:
+    """The architecture switches, checked by the model's own rules (``ArchOptions``) before any folder
+    is made; ``grn_at`` other than ``both`` moves GRN itself, so it needs GRN in the config."""
+    from ..models.ablations import ArchOptions  # torch: only when a command runs, never for --help
+
+    try:
+        ArchOptions.from_dict({k: cfg[k] for k in ARCH_KEYS})
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    if cfg["grn_at"] != "both" and (cfg["block"] != "v2" or cfg["grn"] != "grn"):
+        raise ConfigError(f"grn_at={cfg['grn_at']!r} moves GRN between pre-training and fine-tuning, so it needs "
+                          f"block='v2' and grn='grn' (got block={cfg['block']!r}, grn={cfg['grn']!r})")
+
+
+def arch_switches(cfg: Mapping[str, Any], mode: str) -> Dict[str, Any]:
+    """The model's architecture switches for ``mode`` ("pretrain" or "finetune"), non-default ones only,
+    with ``grn_at`` applied: ``pretrain_only`` fine-tunes without GRN, ``finetune_only`` pre-trains
+    without it."""
+    switches = {k: cfg[k] for k in ARCH_KEYS}
+    at = cfg.get("grn_at", "both")
+    if (at == "pretrain_only" and mode == "finetune") or (at == "finetune_only" and mode == "pretrain"):
+        switches = {"block": switches["block"], "grn": "none"}
+    return {k: v for k, v in switches.items() if v != KEYS[k][0]}
 
 
 def _check(ok: bool, key: str, rule: str, value: Any) -> None:

@@ -1,13 +1,16 @@
 """The model a run trains: the classifier for fine-tuning (recipe drop path and head init, ``--init``
-weights) or the FCMAE for pre-training."""
+weights) or the FCMAE for pre-training, both with the config's architecture switches (``block``,
+``grn``, ``grn_*``; ``grn_at`` decides where GRN is: paper Table 2f)."""
 from __future__ import annotations
 
 import warnings
+from typing import Any, Dict, Optional
 
 from torch import nn
 
 from ..files import PathLike
-from .run import Run
+from .config import arch_switches
+from .run import Run, TrainingInputError
 from .runlog import Logger
 
 
@@ -24,29 +27,54 @@ def build_finetune_model(run: Run, num_classes: int, logger: Logger) -> nn.Modul
     from ..models.factory import create
 
     cfg = run.cfg
-    model = create(run.model, pretrained=run.pretrained, num_classes=num_classes, drop_path_rate=cfg["drop_path"], head_init_scale=cfg["head_init_scale"])
+    switches = arch_switches(cfg, "finetune")
+    model = create(run.model, pretrained=run.pretrained, num_classes=num_classes, drop_path_rate=cfg["drop_path"],
+                   head_init_scale=cfg["head_init_scale"], **switches)
     if run.init:
+        _check_file_switches(run.init, arch_switches(cfg, "pretrain"), "--init")
+        # Table 2f: GRN pre-trained but not fine-tuned is dropped; fine-tuned but not pre-trained starts fresh.
+        transfer = {"pretrain_only": "drop", "finetune_only": "fresh"}.get(cfg["grn_at"])
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            report = load_checkpoint(model, run.init)
+            report = load_checkpoint(model, run.init, grn_transfer=transfer)
         for w in caught:
             logger.info(f"note: {w.message}")
+        if report.dropped:
+            logger.info(f"grn_at=pretrain_only: dropped the {len(report.dropped)} GRN tensors of {run.init} "
+                        "(the fine-tuned model has no GRN)")
+        if "grn" in report.reinitialized:
+            logger.info(f"grn_at=finetune_only: GRN is freshly initialised ({run.init} has none)")
         logger.info(f"loaded {run.init} ({report.format}); kept fresh: {report.reinitialized or 'nothing'}")
     return model
 
 
+def _check_file_switches(path: str, expected: Dict[str, Any], flag: str) -> None:
+    """Refuse, naming the ``--set`` that fixes it, a file of ours made with other architecture switches."""
+    from ..checkpoints.io import read_arch
+
+    stored: Optional[Dict[str, Any]] = read_arch(path)
+    if stored is not None and stored != expected:
+        fix = " ".join(f"--set {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in stored.items())
+        raise TrainingInputError(
+            f"{flag} {path} was made with the architecture switches {stored or '{}'}, but this run builds {expected or '{}'}"
+            f": pass {fix or 'no architecture --set'} (with grn_at, the switches of the pre-training side)")
+
+
 def build_pretrain_model(run: Run) -> nn.Module:
+    from ..models.convnextv2 import convnextv2
     from ..models.fcmae import FCMAE
 
     """The FCMAE of ``run.cfg`` (mask ratio, loss target, encoder masking, decoder type, depth and
     width); with ``--init``, the file's decoder and weights (``FCMAE.from_checkpoint``)."""
     cfg = run.cfg
     kw = dict(mask_ratio=cfg["mask_ratio"], norm_pix_loss=cfg["norm_pix_loss"], encoder_masking=cfg["encoder_masking"])
+    switches = arch_switches(cfg, "pretrain")
     if run.init:
+        _check_file_switches(run.init, switches, "--init")
         model = FCMAE.from_checkpoint(run.init, drop_path_rate=cfg["drop_path"], **kw)
     else:
         model = FCMAE(
-            _variant(run.model),
+            convnextv2(_variant(run.model), num_classes=0, drop_path_rate=cfg["drop_path"], **switches),
             patch_size=cfg["patch_size"],
             decoder=cfg["decoder"],
             decoder_dim=cfg["decoder_embed_dim"],
