@@ -233,5 +233,6 @@ def budget_text(configs: Mapping[str, Mapping[str, Any]]) -> str:
             continue
         batch = c["eff_batch_size"] or c["batch_size"] * (c["update_freq"] or 1)
         lr = c["lr"] if c["lr"] is not None else c["blr"] * batch / 256
-        parts.append(f"{mode} {c['epochs']} epochs at {c['input_size']} px, batch {batch}, lr {lr:.3g}")
+        epochs = f"{c['epochs']} epoch" + ("s" if c["epochs"] != 1 else "")
+        parts.append(f"{mode} {epochs} at {c['input_size']} px, batch {batch}, lr {lr:.3g}")
     return "; ".join(parts)

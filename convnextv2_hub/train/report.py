@@ -126,6 +126,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
 def write_results(folder: PathLike, results: Mapping[str, Any]) -> Tuple[Path, Path]:
     """``results.json`` then ``results.md`` in ``folder``, each atomically."""
     folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(folder / "results.json", results)
     text = render_markdown(results).encode("utf-8")
     atomic_write(folder / "results.md", lambda f: f.write(text))

@@ -97,12 +97,9 @@ def prepare(opts: Options) -> Plan:
     data, data_text, size = _data_path(opts, table, scale, sets)
     seeds = list(range(n))
     plans = [A.plan_row(table, row, scale, s, data, opts.output, sets, launcher) for s in seeds for row in table.rows]
-    configs: Dict[str, Dict[str, Any]] = {}
-    for p in plans:
-        if p.row.id in selected:
-            for st in p.stages:
-                if not p.row.mini_epochs_factor.get(st.mode) and not p.row.recipe.get(st.mode):
-                    configs.setdefault(st.mode, st.config)
+    # The budget every row shares: the scale's recipes with the table's and the command line's values.
+    configs = {mode: C.resolve(mode, scale.model, scale.recipes[mode], {**(table.mini_set if scale.name == "mini" else {}),
+                                                                         **sets[mode]})[0] for mode in A.STAGES}
     builtin = size if opts.data == BUILTIN_DATA else None
     return Plan(table, scale, seeds, selected, data, data_text, builtin, plans, A.budget_text(configs))
 
