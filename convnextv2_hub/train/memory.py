@@ -192,8 +192,14 @@ def estimate_for_model(model: nn.Module, cfg: Mapping[str, Any], mode: str, chec
     enc = model.encoder if mode == "pretrain" else model
     name = variant_of(enc.depths, enc.dims)
     v = Variant(name or "custom", tuple(enc.depths), tuple(enc.dims))
-    kw = dict(mask_ratio=model.mask_ratio, decoder_dim=model.decoder_dim, decoder_depth=model.decoder_depth,
-              patch_size=model.patch_size) if mode == "pretrain" else dict(num_classes=enc.num_classes)
+    kw = dict(num_classes=enc.num_classes)
+    if mode == "pretrain":
+        # Only the visible-rows path keeps the visible positions alone; dense encoder masking and the
+        # UNet decoder's masked-dense stages keep every position. (Decoder parameters and activations
+        # are counted as ConvNeXt blocks' whatever the decoder type: a small part of the total.)
+        rows_only = model.sparse and model.encoder_masking == "sparse" and model.decoder_type != "unet"
+        kw = dict(mask_ratio=model.mask_ratio if rows_only else 0.0, decoder_dim=model.decoder_dim,
+                  decoder_depth=model.decoder_depth, patch_size=model.patch_size)
     return estimate(v, cfg["input_size"], cfg["batch_size"], precision_of(cfg), mode, checkpointing,
                     ema=mode == "finetune" and bool(cfg["model_ema"]), **kw)
 

@@ -17,6 +17,11 @@ def test_param_counts_match_the_models():
     assert estimate("atto", 224, 1).params == 4 * count_params(convnextv2("atto"))
     fcmae = FCMAE("atto")
     assert estimate("atto", 224, 1, mode="pretrain").params == 4 * count_params(fcmae)
+    # Dense encoder masking computes (and keeps) every position, the visible-rows path 40 % of them.
+    cfg = dict(C.defaults(), batch_size=8, input_size=224)
+    dense = FCMAE(fcmae.encoder, encoder_masking="dense")
+    rows = memory.estimate_for_model(fcmae, cfg, "pretrain", False).activations
+    assert memory.estimate_for_model(dense, cfg, "pretrain", False).activations > 1.5 * rows
 
 
 @pytest.mark.parametrize("mode", ["finetune", "pretrain"])
