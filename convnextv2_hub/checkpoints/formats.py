@@ -46,6 +46,11 @@ def detect_format(sd: Mapping[str, Tensor]) -> str:
     )
 
 
+def is_v1_layout(sd_ours: Mapping[str, Tensor]) -> bool:
+    """Whether a state dict in our layout holds ConvNeXt V1 blocks (LayerScale ``stages.s.b.gamma``)."""
+    return any(re.match(r"^stages\.\d+\.\d+\.gamma$", k) for k in sd_ours)
+
+
 def to_ours(sd: Mapping[str, Tensor], fmt: Optional[str] = None) -> Dict[str, Tensor]:
     """Convert a state dict of any of ``FORMATS`` to our key layout and shapes (new dict; input untouched).
 
@@ -364,6 +369,6 @@ def hf_preprocessor_config(
 
 
 __all__ = [
-    "FORMATS", "HF_WARP_FROM", "SAVE_FORMATS", "detect_format", "hf_model_config", "hf_preprocessor_config", "split_fcmae_sparse", "to_authors_sparse", "to_hf",
+    "FORMATS", "HF_WARP_FROM", "SAVE_FORMATS", "detect_format", "is_v1_layout", "hf_model_config", "hf_preprocessor_config", "split_fcmae_sparse", "to_authors_sparse", "to_hf",
     "to_ours", "to_timm",
 ]

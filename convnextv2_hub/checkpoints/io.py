@@ -58,6 +58,7 @@ from .formats import (
     detect_format,
     hf_model_config,
     hf_preprocessor_config,
+    is_v1_layout,
     split_fcmae_sparse,
     to_authors_sparse,
     to_hf,
@@ -132,37 +133,7 @@ def load_checkpoint(model: ConvNeXtV2, source: Source, strict: bool = True, *,
     report = LoadReport(format=fmt, source=where)
     ckpt = _transfer_grn(ckpt, target, grn_transfer, report)
 
-    has_norm = "norm.weight" in target
-    has_head = "head.weight" in target
-    if not has_norm:  # features_only: neither norm nor head exist in the model
-        ckpt = {k: v for k, v in ckpt.items() if not k.startswith("norm.")}
-    if not has_head:
-        ckpt = {k: v for k, v in ckpt.items() if not k.startswith("head.")}
-    if has_head:
-        n_model = target["head.weight"].shape[0]
-        ck_w = ckpt.get("head.weight")
-        if ck_w is None and "head.bias" not in ckpt:
-            warnings.warn(
-                f"checkpoint {where} ({fmt}) has no classifier head; keeping the model's own head "
-                f"({n_model} classes), which still needs training",
-                stacklevel=2,
-            )
-            report.reinitialized.append("head")
-        elif ck_w is not None and ck_w.ndim == 2 and ck_w.shape[1] == target["head.weight"].shape[1] and ck_w.shape[0] != n_model:
-            warnings.warn(
-                f"checkpoint {where} has a {ck_w.shape[0]}-class head but the model has {n_model} classes; "
-                "keeping the model's own head, which still needs training",
-                stacklevel=2,
-            )
-            ckpt = {k: v for k, v in ckpt.items() if not k.startswith("head.")}
-            report.reinitialized.append("head")
-    if has_norm and fmt in ("fcmae_dense", "fcmae_sparse") and not any(k.startswith("norm.") for k in ckpt):
-        warnings.warn(
-            f"checkpoint {where} is an FCMAE encoder without the final LayerNorm; keeping the model's own "
-            "'norm' (weight 1, bias 0 at init)",
-            stacklevel=2,
-        )
-        report.reinitialized.append("norm")
+    ckpt = _keep_own_head_and_norm(ckpt, target, where, fmt, report)
 
     kept = tuple(p + "." for p in report.reinitialized)
     missing = [k for k in target if k not in ckpt and not k.startswith(kept) and not _fresh_grn(k, report)]
@@ -182,6 +153,44 @@ def load_checkpoint(model: ConvNeXtV2, source: Source, strict: bool = True, *,
     if description is not None:
         apply_description(model, description, head_kept="head" in report.reinitialized)
     return report
+
+
+def _keep_own_head_and_norm(ckpt: Dict[str, Tensor], target: Mapping[str, Tensor], where: str, fmt: str,
+                            report: LoadReport) -> Dict[str, Tensor]:
+    """``ckpt`` without what the model keeps its own of: a head or final norm the model does not have, a
+    head of another class count, or (FCMAE files) a head and norm the file lacks; warned and reported."""
+    has_norm = "norm.weight" in target
+    has_head = "head.weight" in target
+    if not has_norm:  # features_only: neither norm nor head exist in the model
+        ckpt = {k: v for k, v in ckpt.items() if not k.startswith("norm.")}
+    if not has_head:
+        ckpt = {k: v for k, v in ckpt.items() if not k.startswith("head.")}
+    if has_head:
+        n_model = target["head.weight"].shape[0]
+        ck_w = ckpt.get("head.weight")
+        if ck_w is None and "head.bias" not in ckpt:
+            warnings.warn(
+                f"checkpoint {where} ({fmt}) has no classifier head; keeping the model's own head "
+                f"({n_model} classes), which still needs training",
+                stacklevel=3,  # the caller of load_checkpoint
+            )
+            report.reinitialized.append("head")
+        elif ck_w is not None and ck_w.ndim == 2 and ck_w.shape[1] == target["head.weight"].shape[1] and ck_w.shape[0] != n_model:
+            warnings.warn(
+                f"checkpoint {where} has a {ck_w.shape[0]}-class head but the model has {n_model} classes; "
+                "keeping the model's own head, which still needs training",
+                stacklevel=3,  # the caller of load_checkpoint
+            )
+            ckpt = {k: v for k, v in ckpt.items() if not k.startswith("head.")}
+            report.reinitialized.append("head")
+    if has_norm and fmt in ("fcmae_dense", "fcmae_sparse") and not any(k.startswith("norm.") for k in ckpt):
+        warnings.warn(
+            f"checkpoint {where} is an FCMAE encoder without the final LayerNorm; keeping the model's own "
+            "'norm' (weight 1, bias 0 at init)",
+            stacklevel=3,  # the caller of load_checkpoint
+        )
+        report.reinitialized.append("norm")
+    return ckpt
 
 
 _GRN_KEY = re.compile(r"^stages\.\d+\.\d+\.grn\.")
@@ -273,7 +282,7 @@ def _variant_hint(model: ConvNeXtV2, ckpt: Mapping[str, Tensor]) -> str:
 
 def _block_hint(model: ConvNeXtV2, ckpt: Mapping[str, Tensor]) -> str:
     """A hint when the checkpoint's blocks are the other ConvNeXt generation than the model's."""
-    v1_file = any(re.match(r"^stages\.\d+\.\d+\.gamma$", k) for k in ckpt)
+    v1_file = is_v1_layout(ckpt)
     v2_file = any(_GRN_KEY.match(k) for k in ckpt)
     block = getattr(model, "options", None) and model.options.block
     if v1_file and block != "v1":

@@ -69,8 +69,8 @@ def _source_facts(src: str) -> Tuple[Optional[str], Dict[str, str], Optional[lis
 
 def _load_source(src: str, model_name: Optional[str], num_classes: Optional[int], encoder_only: bool) -> Tuple[Any, str]:
     """The model SRC holds, built for its variant and head, and the name it was built under."""
-    from ..checkpoints.formats import detect_format, split_fcmae_sparse, to_ours
-    from ..checkpoints.io import load_checkpoint, stage_layout
+    from ..checkpoints.formats import detect_format, is_v1_layout, split_fcmae_sparse, to_ours
+    from ..checkpoints.io import load_checkpoint, read_arch, stage_layout
     from ..checkpoints.reading import read_state_dict
     from ..checkpoints.registry import get_checkpoint
     from ..models.factory import create
@@ -102,7 +102,9 @@ def _load_source(src: str, model_name: Optional[str], num_classes: Optional[int]
         raise ValueError(f"{src} has {f'a {has}-class head' if has else 'no classifier head'}; --num-classes {n} "
                          "would write a new, untrained head. Convert with its own head (omit --num-classes) or "
                          "--num-classes 0 for the encoder; fine-tune (convnextv2-train) for another class count")
-    model = create(name, num_classes=n)
+    # Architecture switches: stored in files of ours; a ConvNeXt V1 file (no metadata) says so by its keys.
+    switches = read_arch(src) or ({"block": "v1"} if is_v1_layout(ours) else {})
+    model = create(name, num_classes=n, **switches)
     load_checkpoint(model, src)  # the path, so that its warnings name the file
     if labels is not None and len(labels) == n:
         model.label_names = labels  # an HF folder's class names travel on

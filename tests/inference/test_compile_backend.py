@@ -161,3 +161,20 @@ def test_runners_of_equal_shape_keep_their_own_graphs_and_recompile_for_a_new_sh
                 assert (runner(x) - model(x)).abs().max() <= 1e-4
             assert (runners[0](x[:1]) - models[0](x[:1])).abs().max() <= 1e-4
         assert (runners[0](x) - runners[1](x)).abs().max() > 1e-2  # the two models really differ
+
+
+@pytest.mark.parametrize("switches", [dict(block="v1"), dict(grn="se"), dict(grn_aggregation="l1"),
+                                      dict(grn_form="x_g")])
+def test_cpu_block_forward_takes_the_ablation_switches(switches):
+    # The compiled CPU forms (two-step GRN, poly GELU) on blocks of models.ablations: still Block.forward.
+    torch.manual_seed(0)
+    block = ConvNeXtV2(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), **switches).stages[1][0]
+    with torch.no_grad():
+        for name, p in block.named_parameters():
+            if name.endswith(("gamma", "beta")):
+                p.normal_(0, 1)
+    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = cpu_block_forward(block, x, dwconv_ln_kernel=False)
+        ref = block(x)
+    assert (out - ref).abs().max() <= 1e-3 * max(1.0, ref.abs().max().item())
