@@ -21,7 +21,7 @@ METRIC_TEXT = {
     "cosine_distance": "feature cosine distance (mean over blocks; higher = more diverse)",
 }
 DIGITS = {"top1": 1, "cosine_distance": 3}
-README_BLOCK = re.compile(r"<!-- reproduce: (?P<path>\S+) -->\n(?P<body>.*?)<!-- /reproduce -->", re.S)
+README_BLOCK = re.compile(r"^<!-- reproduce: (?P<path>\S+) -->\n(?P<body>.*?)^<!-- /reproduce -->", re.S | re.M)
 
 
 def summarize(values: Sequence[float]) -> Dict[str, Any]:
@@ -134,5 +134,6 @@ def write_results(folder: PathLike, results: Mapping[str, Any]) -> Tuple[Path, P
 
 
 def readme_blocks(text: str) -> List[Tuple[str, str]]:
-    """(results.json path, block text) of every ``<!-- reproduce: PATH -->`` ... ``<!-- /reproduce -->`` block."""
+    """(results.json path, block text) of every block from a line ``<!-- reproduce: PATH -->`` to a line
+    ``<!-- /reproduce -->``."""
     return [(m["path"], m["body"]) for m in README_BLOCK.finditer(text)]
