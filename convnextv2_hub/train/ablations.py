@@ -191,6 +191,12 @@ def launch_prefix(scale: Scale, launcher: Optional[str]) -> Optional[List[str]]:
     return shlex.split(text) if text else None
 
 
+def budget_values(table: Table, scale: Scale, sets: Mapping[str, Mapping[str, Any]], mode: str) -> Dict[str, Any]:
+    """The config values every row of ``table`` shares in stage ``mode`` on top of the scale's recipe: the
+    table's ``mini_set`` at the mini scale, then the command line's ``--set``."""
+    return {**(table.mini_set if scale.name == "mini" else {}), **sets.get(mode, {})}
+
+
 def plan_row(table: Table, row: Row, scale: Scale, seed: int, data: str, output: Path,
              sets: Mapping[str, Mapping[str, Any]], launcher: Optional[List[str]]) -> RowPlan:
     """The trainer commands of ``row`` for ``seed``: one per stage, in ``output/runs/<row>/seed<seed>/<stage>``,
@@ -199,11 +205,7 @@ def plan_row(table: Table, row: Row, scale: Scale, seed: int, data: str, output:
     stages: List[Stage] = []
     for mode in row.stages:
         recipe = row.recipe.get(mode, scale.recipes[mode]) if scale.name == "full" else scale.recipes[mode]
-        values: Dict[str, Any] = {"seed": seed}
-        if scale.name == "mini":
-            values.update(table.mini_set)
-        values.update(sets.get(mode, {}))
-        values.update(row.keys(mode))
+        values: Dict[str, Any] = {"seed": seed, **budget_values(table, scale, sets, mode), **row.keys(mode)}
         cfg, _ = C.resolve(mode, scale.model, recipe, values)
         factor = row.mini_epochs_factor.get(mode, 1) if scale.name == "mini" else 1
         if factor != 1:

@@ -69,13 +69,11 @@ class Plan:
     budget: str
 
 
-def _data_path(opts: Options, table: A.Table, scale: A.Scale, sets: Dict[str, Dict[str, Any]]) -> Tuple[str, str, int]:
-    """(data folder, its description, image size): ``digits`` is the built-in set, written at the
-    fine-tuning size into ``OUTPUT/data``."""
-    values = {**(table.mini_set if scale.name == "mini" else {}), **sets["finetune"]}
-    size = C.resolve("finetune", scale.model, scale.recipes["finetune"], values)[0]["input_size"]
+def _data_path(opts: Options, size: int) -> Tuple[str, str, Optional[int]]:
+    """(data folder, its description, the size to write it at): ``digits`` is the built-in set, written at
+    the fine-tuning size into ``OUTPUT/data``; any other value is the user's folder, used as it is."""
     if opts.data != BUILTIN_DATA:
-        return opts.data, opts.data, size
+        return opts.data, opts.data, None
     folder = opts.output / "data" / f"digits-{size}px"
     return str(folder), f"scikit-learn digits at {size} px, 10 classes, 80/20 train/val split (--data digits)", size
 
@@ -94,13 +92,11 @@ def prepare(opts: Options) -> Plan:
         if "seed" in stage_sets:
             raise C.ConfigError("--set seed: the seeds are 0 .. --seeds - 1, one run each")
     launcher = A.launch_prefix(scale, opts.launcher)
-    data, data_text, size = _data_path(opts, table, scale, sets)
+    # The budget every row shares: the scale's recipes with the table's and the command line's values.
+    configs = {m: C.resolve(m, scale.model, scale.recipes[m], A.budget_values(table, scale, sets, m))[0] for m in A.STAGES}
+    data, data_text, builtin = _data_path(opts, configs["finetune"]["input_size"])
     seeds = list(range(n))
     plans = [A.plan_row(table, row, scale, s, data, opts.output, sets, launcher) for s in seeds for row in table.rows]
-    # The budget every row shares: the scale's recipes with the table's and the command line's values.
-    configs = {mode: C.resolve(mode, scale.model, scale.recipes[mode], {**(table.mini_set if scale.name == "mini" else {}),
-                                                                         **sets[mode]})[0] for mode in A.STAGES}
-    builtin = size if opts.data == BUILTIN_DATA else None
     return Plan(table, scale, seeds, selected, data, data_text, builtin, plans, A.budget_text(configs))
 
 

@@ -226,3 +226,29 @@ def test_builtin_digits_are_written_once(tmp_path):
     assert info["images"] == {"train": 1438, "val": 359} and len(list((root / "val").iterdir())) == 10
     stamp = (root / COMPLETE_FILE).stat().st_mtime_ns
     assert digits_folder(tmp_path, 8) == root and (root / COMPLETE_FILE).stat().st_mtime_ns == stamp
+
+
+def test_a_launcher_runs_each_stage_as_a_command_and_a_failure_is_retried(tmp_path, monkeypatch):
+    """--launcher: each stage is the launcher + ``-m convnextv2_hub.train ...`` (torchrun at full scale). A
+    stand-in launcher writes what the trainer would (eval.json) and fails once: the failed run is reported,
+    not recorded, and the next call runs it again."""
+    data = write_digits(tmp_path / "digits", [0, 1], 2, 1)
+    fake = tmp_path / "launch.sh"
+    fake.write_text('out=$(echo "$@" | sed "s/.*--output \\([^ ]*\\).*/\\1/")\n'
+                    'echo "$*" >> "$LOG"\n'
+                    '[ -f "$FAIL_ONCE" ] && { rm "$FAIL_ONCE"; exit 3; }\n'
+                    'echo \'{"top1": 55.5, "top5": 100.0}\' > "$out/eval.json"\n')
+    log, fail = tmp_path / "calls.txt", tmp_path / "fail"
+    fail.touch()
+    monkeypatch.setenv("LOG", str(log))
+    monkeypatch.setenv("FAIL_ONCE", str(fail))
+    opts = Options("table3-codesign", str(data), tmp_path / "t3", seeds=1, rows=["v2-fcmae"], launcher=f"sh {fake}")
+    assert reproduce(opts, train_fn=None, say=lambda s: None) == 1
+    row = json.loads((tmp_path / "t3" / "results.json").read_text())["rows"][3]
+    assert row["n"] == 0 and not (tmp_path / "t3/runs/v2-fcmae/seed0/pretrain" / MARKER).exists()
+    assert reproduce(opts, train_fn=None, say=lambda s: None) == 0
+    calls = log.read_text().splitlines()
+    assert [c.split()[2] for c in calls] == ["pretrain", "pretrain", "finetune"]
+    assert all(c.startswith("-m convnextv2_hub.train ") and "--resume auto" in c for c in calls)
+    row = json.loads((tmp_path / "t3" / "results.json").read_text())["rows"][3]
+    assert row["mean"] == 55.5 and row["runs"]["0"]["status"] == "done"
