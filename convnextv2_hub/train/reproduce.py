@@ -6,8 +6,9 @@ Runs go to ``OUTPUT/runs/<row>/seed<k>/<stage>``; after every finished row ``res
 ``results.md`` and the table's figure are rewritten (``report``), so a table still running is readable.
 
 Resuming is by folder: a stage that finished holds ``reproduce.json`` (what it ran, how long, its
-evaluation) and is skipped; any other stage runs with ``--resume auto``, which continues an interrupted
-run from its last checkpoint and starts a missing one. A stage whose loss became NaN is recorded as
+evaluation) and is skipped, and its training state ``checkpoint-last.pt`` is removed (its weights stay);
+any other stage runs with ``--resume auto``, which continues an interrupted run from its last checkpoint
+and starts a missing one. A stage whose loss became NaN is recorded as
 diverged, once, not retried (Table 16's X·N(X) is expected to). A folder that holds a stage run with
 other settings (another budget, recipe or seed) is refused: mixing them would make a table of
 different budgets. Seeds go in the outer loop, so every row has one seed before any has two.
@@ -29,6 +30,7 @@ from . import config as C
 from . import report
 
 MARKER = "reproduce.json"
+STATE_FILE = "checkpoint-last.pt"  # the trainer's training state (engine.STATE_FILE)
 COSINE_FILE = "cosine_distance.json"
 ANALYSIS_IMAGES = 1000  # Fig. 4: 1,000 images of the validation set, round-robin over classes
 BUILTIN_DATA = "digits"
@@ -159,6 +161,10 @@ def _run_stage(stage: A.Stage, train_fn: Optional[TrainFn]) -> Dict[str, Any]:
         marker["eval"] = json.loads((stage.folder / "eval.json").read_text(encoding="utf-8"))
     if status != "failed":
         atomic_write_json(stage.folder / MARKER, marker)
+    if status == "done":
+        # The full training state (optimiser moments, RNG) is only needed to continue this stage, which is
+        # finished: 2/3 of a row's disk. Its weights stay in checkpoint-last.safetensors.
+        (stage.folder / STATE_FILE).unlink(missing_ok=True)
     return marker
 
 
@@ -236,7 +242,7 @@ def run_row(plan: Plan, rp: A.RowPlan, train_fn: Optional[TrainFn], say: Callabl
     for st in rp.stages:
         m = _read_marker(st)
         if m is None:
-            resumed = (st.folder / "checkpoint-last.pt").is_file()
+            resumed = (st.folder / STATE_FILE).is_file()
             say(f"  {st.mode}: {'resuming' if resumed else 'running'} in {st.folder}")
             m = _run_stage(st, train_fn)
             what = f"top-1 {m['eval']['top1']:.2f}" if m.get("eval") else m["status"]

@@ -146,22 +146,38 @@ def test_mini_rows_run_end_to_end_write_results_and_resume(tmp_path, capsys):
     assert "| V1 supervised | block=v1; supervised from scratch | 83.8 | – | 0/1 | – |" in md and "1 of 4 runs finished" in md
 
     capsys.readouterr()
-    stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("checkpoint-last.pt")}
-    assert len(stamps) == 2 and main(args) == 0  # nothing left to do
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("checkpoint-last.safetensors")}
+    assert len(stamps) == 2 and not list(out.rglob("checkpoint-last.pt"))  # finished: training states removed
+    assert main(args) == 0  # nothing left to do
     assert capsys.readouterr().out.count("running in") == 0
-    assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("checkpoint-last.pt")} == stamps
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("checkpoint-last.safetensors")} == stamps
     assert json.loads((out / "results.json").read_text())["rows"] == results["rows"]
-
-    # A stage that finished training but not its bookkeeping: --resume auto finds it complete, trains nothing.
-    (ft / MARKER).unlink()
-    assert main(args) == 0
-    assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("checkpoint-last.pt")} == stamps
-    assert json.loads((out / "results.json").read_text())["rows"][3]["mean"] == run["value"]
 
     # Another budget in the same folder would mix budgets in one table: refused.
     capsys.readouterr()
     assert main([*args, "--set", "finetune.log_interval=2"]) == 1
     assert "holds a finetune run with other settings" in capsys.readouterr().err
+
+
+def test_a_stage_killed_after_training_is_completed_without_training_again(tmp_path):
+    data = write_digits(tmp_path / "digits", [0, 1], 4, 2)
+    opts = Options("table3-codesign", str(data), tmp_path / "t3", seeds=1, rows=["v2-sup"], sets=[s for s in TINY if s != "--set"])
+
+    def killed_after_training(argv):
+        train_command(argv)
+        raise KeyboardInterrupt  # as a kill between the trainer's last save and the runner's bookkeeping
+
+    with pytest.raises(KeyboardInterrupt):
+        reproduce(opts, killed_after_training, say=lambda s: None)
+    ft = tmp_path / "t3/runs/v2-sup/seed0/finetune"
+    assert (ft / "checkpoint-last.pt").is_file() and not (ft / MARKER).exists()
+    weights = (ft / "checkpoint-last.safetensors").stat().st_mtime_ns
+    lines = []
+    assert reproduce(opts, train_command, say=lines.append) == 0  # --resume auto: at the last epoch, trains nothing
+    assert "  finetune: resuming in " + str(ft) in lines
+    assert (ft / "checkpoint-last.safetensors").stat().st_mtime_ns == weights and (ft / MARKER).is_file()
+    row = json.loads((tmp_path / "t3/results.json").read_text())["rows"][2]
+    assert row["id"] == "v2-sup" and row["mean"] == json.loads((ft / "eval.json").read_text())["top1"]
 
 
 def test_fig4_rows_are_analysed_and_plotted(tmp_path):
