@@ -206,7 +206,8 @@ def _per_stage(curve: Dict[str, Any]) -> List[float]:
 
 
 def _entry(plan: Plan, rp: A.RowPlan, markers: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """A run of results.json from the markers of its stages (all present)."""
+    """A run of results.json from the markers of its stages: all of them, or those up to the first that did
+    not finish (a diverged pre-training has no fine-tuning)."""
     seconds = {st.mode: m["seconds"] for st, m in zip(rp.stages, markers)}
     bad = next((m for m in markers if m["status"] != "done"), None)
     if bad is not None:
@@ -233,7 +234,7 @@ def _finished(plan: Plan, rp: A.RowPlan) -> Optional[Dict[str, Any]]:
         markers.append(m)
         if m["status"] != "done":
             break
-    return _entry(plan, rp, markers + [markers[-1]] * (len(rp.stages) - len(markers)))
+    return _entry(plan, rp, markers)
 
 
 def run_row(plan: Plan, rp: A.RowPlan, train_fn: Optional[TrainFn], say: Callable[[str], None]) -> Dict[str, Any]:
@@ -251,7 +252,6 @@ def run_row(plan: Plan, rp: A.RowPlan, train_fn: Optional[TrainFn], say: Callabl
             say(f"  {st.mode}: finished earlier ({m['status']}), skipped")
         markers.append(m)
         if m["status"] != "done":
-            markers += [m] * (len(rp.stages) - len(markers))
             break
     if markers[-1]["status"] == "failed":
         return {"status": "failed", "message": markers[-1]["message"]}
