@@ -345,20 +345,9 @@ def faulty_server(servers) -> Callable[..., tuple[LoopbackServer, FaultyResponde
 def write_digits(root: Path, classes, n_train: int, n_val: int, corrupt: bool = False) -> Path:
     """scikit-learn's digits of ``classes`` as 32x32 RGB PNGs in ``root/train/<c>/`` and ``root/val/<c>/``;
     ``corrupt`` adds one truncated PNG to the first training class."""
-    import numpy as np
-    from sklearn.datasets import load_digits
+    from convnextv2_hub.train.digits import write_digits as write
 
-    d = load_digits()
-    rng = np.random.default_rng(0)
-    for c in classes:
-        idx = np.flatnonzero(d.target == c)
-        rng.shuffle(idx)
-        for split, ids in (("train", idx[:n_train]), ("val", idx[n_train : n_train + n_val])):
-            folder = root / split / str(c)
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in ids:
-                a = (d.images[i] * (255 / 16)).astype(np.uint8)
-                Image.fromarray(a, "L").resize((32, 32), Image.BILINEAR).convert("RGB").save(folder / f"{i}.png")
+    write(root, classes, n_train, n_val, size=32)
     if corrupt:
         (root / "train" / str(classes[0]) / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     return root

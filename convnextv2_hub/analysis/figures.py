@@ -229,4 +229,42 @@ def plot_activations(
     return summary
 
 
-__all__ = ["plot_activations", "plot_cosine_distance", "plot_selectivity"]
+def plot_metric_curve(
+    points: Sequence[Tuple[float, float, Optional[float], int]],
+    out: PathLike,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    reference: Optional[float] = None,
+    figsize: Tuple[float, float] = (5.0, 3.5),
+    dpi: int = 150,
+) -> Dict[str, Any]:
+    """A measured quantity against a swept setting (Fig. 8: fine-tuning top-1 against the mask ratio):
+    ``points`` are (x, mean, standard deviation or None, runs), drawn with error bars; ``reference`` marks
+    the x the paper found best. PNG + CSV + JSON."""
+    png, csv_path, json_path = _sidecars(out)
+    pts = sorted(points)
+    fig = _new_figure(figsize)
+    ax = fig.subplots()
+    xs = [p[0] for p in pts]
+    ax.errorbar(xs, [p[1] for p in pts], yerr=[p[2] or 0.0 for p in pts], marker="o", markersize=4, capsize=3)
+    if reference is not None:
+        ax.axvline(reference, color="tab:gray", linestyle="--", linewidth=1, label=f"paper's best ({reference:g})")
+        ax.legend(fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save_figure(fig, png, dpi)
+    _write_csv(csv_path, ["x", "mean", "std", "runs"],
+               [[f"{x:g}", f"{m:.6f}", "" if sd is None else f"{sd:.6f}", n] for x, m, sd, n in pts])
+    summary = {"xlabel": xlabel, "ylabel": ylabel, "title": title, "reference": reference,
+               "points": [{"x": x, "mean": m, "std": sd, "runs": n} for x, m, sd, n in pts],
+               "png": png.name, "figsize": list(figsize), "dpi": dpi}
+    _write_json(json_path, summary)
+    return summary
+
+
+__all__ = ["plot_activations", "plot_cosine_distance", "plot_metric_curve", "plot_selectivity"]

@@ -9,6 +9,7 @@
     torchrun --nproc_per_node 8 --nnodes 2 ... -m convnextv2_hub.train finetune ...   (same flags)
     convnextv2-train recipes [NAME]     # list recipes, or print one
     convnextv2-train keys               # every config key with its default
+    convnextv2-train reproduce table3-codesign --data digits --output runs/t3   # a table of the paper's ablations
 
 A fine-tune starts from the variant's released FCMAE weights (``<variant>.fcmae``) unless ``--init`` says
 otherwise (a checkpoint name, a path, ``none``); recipe values that do not fit a small run adapt with a notice
@@ -26,6 +27,7 @@ import sys
 from typing import Any, Dict, List, Optional, Tuple, Type
 
 from ..train import config as C
+from .reproduce import add_reproduce_parser, options
 
 
 def _add_common(p: argparse.ArgumentParser, mode: str) -> None:
@@ -76,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("recipes", help="list the packaged recipes or print one")
     r.add_argument("name", nargs="?")
     sub.add_parser("keys", help="list every config key with its default")
+    add_reproduce_parser(sub)
     return parser
 
 
@@ -155,8 +158,31 @@ def _print_recipes(name: Optional[str]) -> None:
             print(f"{recipe}: {C.load_recipe(recipe).description}")
 
 
+def train_command(argv: List[str]) -> Dict[str, Any]:
+    """Run a ``pretrain`` / ``finetune`` command line in this process and return the trainer's summary.
+    Errors are raised, not printed: ``reproduce`` tells a diverged run from a broken one."""
+    args = build_parser().parse_args(argv)
+    if args.command not in ("pretrain", "finetune") or args.dry_run:
+        raise ValueError(f"train_command runs pretrain or finetune, got {argv[:1]}")
+    cfg, notes, adapted = _resolve(args)
+    return _run(args, cfg, notes, adapted)
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from ..train.reproduce import ReproduceError, reproduce
+
+    try:
+        return reproduce(options(args), train_command)
+    except C.ConfigError as e:  # a bad table, row id, --set or recipe value
+        return _error(e, 2)
+    except (*_expected_errors(), ReproduceError, ImportError) as e:
+        return _error(e, 1)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "reproduce":
+        return _reproduce(args)
     if args.command == "keys":
         print(C.known_keys_text())
         return 0
@@ -181,7 +207,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace, cfg: Dict[str, Any], notes: Dict[str, str], adapted: List[str]) -> None:
+def _run(args: argparse.Namespace, cfg: Dict[str, Any], notes: Dict[str, str],
+         adapted: List[str]) -> Optional[Dict[str, Any]]:
     from ..train.engine import train
     from ..train.evaluation import run_eval
     from ..train.run import Run
@@ -197,8 +224,8 @@ def _run(args: argparse.Namespace, cfg: Dict[str, Any], notes: Dict[str, str], a
         res = run_eval(run)
         if int(os.environ.get("RANK", "0")) == 0:  # torchrun: one report, not one per process
             print(json.dumps({k: res[k] for k in ("top1", "top5", "loss", "num_images", "skipped_images", "classes")}, indent=1))
-    else:
-        train(run)
+        return None
+    return train(run)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from typing import Any, Dict, Optional
 
 from torch import nn
 
+from ..files import PathLike
 from .config import arch_switches
 from .run import Run, TrainingInputError
 from .runlog import Logger
@@ -114,6 +115,37 @@ def build_pretrain_model(run: Run) -> nn.Module:
     # The encoder's final LayerNorm is not used by FCMAE (the decoder reads the last stage map):
     # frozen, so it is not in the optimiser and DDP needs no find_unused_parameters pass.
     model.encoder.norm.requires_grad_(False)
+    return model
+
+
+def load_trained_model(folder: PathLike) -> nn.Module:
+    """The model a finished run in ``folder`` trained: rebuilt from its ``config.json`` as the run built
+    it (the same builder, so every model switch of the config applies), then loaded with its final
+    weights, ``checkpoint-last.safetensors``. The FCMAE for a pre-training run, the classifier for
+    fine-tuning."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from .distributed import DistEnv
+
+    folder = Path(folder)
+    meta = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    info = meta["run"]
+    run = Run(mode=info["mode"], model=info["model"], data_path=info["data_path"], output_dir=str(folder), cfg=meta["config"])
+    weights = folder / "checkpoint-last.safetensors"
+    if run.mode == "pretrain":
+        from safetensors.torch import load_file
+
+        model = build_pretrain_model(run)
+        model.load_state_dict(load_file(str(weights)))
+        return model
+    from ..checkpoints.io import load_checkpoint
+
+    quiet = Logger(None, DistEnv(0, 1, 0, torch.device("cpu"), False), False)  # nothing to log: no --init
+    model = build_finetune_model(run, info["num_classes"], quiet)
+    load_checkpoint(model, weights)
     return model
 
 

@@ -126,7 +126,8 @@ def test_recipes_without_a_row_for_a_size_say_so():
 
 
 def test_every_packaged_recipe_loads_and_uses_known_keys():
-    assert set(C.list_recipes()) == {"fcmae_pretrain", "finetune_in1k", "finetune_in22k", "finetune_in22k_in1k"}
+    assert set(C.list_recipes()) == {"fcmae_pretrain", "finetune_in1k", "finetune_in22k", "finetune_in22k_in1k",
+                                     "supervised_in1k", "mini_pretrain", "mini_finetune"}
     for name in C.list_recipes():
         r = C.load_recipe(name)
         for v in r.sizes or ["atto"]:
