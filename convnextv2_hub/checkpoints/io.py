@@ -36,6 +36,7 @@ an HF ``from_pretrained`` folder, the authors' ``{'model': sd}`` ``.pt``).
 from __future__ import annotations
 
 import dataclasses
+import contextlib
 import json
 import re
 import warnings
