@@ -270,7 +270,9 @@ class LineAppender:
     def __init__(self, path: PathLike, header: str = "", fsync_every_s: float = APPEND_FSYNC_S) -> None:
         self.path = Path(path)
         self.fsync_every_s = fsync_every_s
-        self._file = open(self.path, "a", encoding="utf-8", newline="")
+        # surrogateescape: a file name that is not valid UTF-8 (os.fsdecode gives it lone surrogates) is
+        # written back as its own bytes instead of failing the job.
+        self._file = open(self.path, "a", encoding="utf-8", errors="surrogateescape", newline="")
         self._synced = time.monotonic()
         if header and self._file.tell() == 0:
             self.write(header)

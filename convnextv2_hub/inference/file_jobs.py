@@ -61,6 +61,8 @@ def _run(predictor: "Predictor", paths: Sequence[str], handle: Callable[[FileBat
     workers = default_workers() if workers is None else workers
     if workers < 0:
         raise ValueError(f"workers must be >= 0 (0: decode in the main process), got {workers}")
+    if not paths:
+        return summary  # all done already: no worker processes to start
     loader = image_files_loader(paths, predictor.transform, predictor.batch_size, workers,
                                 pin_memory=predictor.device.type == "cuda")
     start = time.perf_counter()

@@ -107,7 +107,9 @@ class PredictionFile:
     # --- resume ------------------------------------------------------------------------------------
     def _read_done(self) -> Iterator[str]:
         """The image of every complete record; a last record that cannot be read is cut off."""
-        with open(self.path, encoding="utf-8", errors="replace", newline="") as f:
+        # surrogateescape, as the file was written: names that are not UTF-8 read back equal, and bytes a
+        # crash left read as something (to be cut off) rather than fail.
+        with open(self.path, encoding="utf-8", errors="surrogateescape", newline="") as f:
             text = f.read()
         if self.format == ".jsonl":
             records, ends = self._jsonl_records(text)
@@ -122,7 +124,7 @@ class PredictionFile:
                 # The last record half written by a crash (a power cut can leave it complete but damaged).
                 start = ends[n - 1] if n else 0
                 with open(self.path, "r+b") as raw:
-                    raw.truncate(len(text[:start].encode("utf-8")))
+                    raw.truncate(len(text[:start].encode("utf-8", errors="surrogateescape")))
                 warnings.warn(f"{self.path}: cut off a damaged last record left by an interrupted run; its image "
                               "runs again", stacklevel=3)
                 continue
@@ -175,8 +177,8 @@ class _Aborted(Exception):
 class EmbeddingFile:
     """Collect embeddings row by row and write them, with their image paths, atomically on ``commit``.
 
-    - ``.npy``: the features, (N, ...) float32, and the paths in ``NAME.paths.txt`` (one per line, UTF-8),
-      row i of the array being line i. The two are written one after the other, array first:
+    - ``.npy``: the features, (N, ...) float32, and the paths in ``NAME.paths.txt`` (one per line, as the
+      file names' bytes), row i of the array being line i. The two are written one after the other, array first:
       ``load_embeddings`` refuses a pair whose counts differ.
     - ``.npz``: ``features`` and ``paths`` in one file.
     - ``.parquet``: a table with a ``path`` column and an ``embedding`` column (list of float32; maps
@@ -230,8 +232,8 @@ class EmbeddingFile:
             return
         self._atomic.__exit__(None, None, None)
         if self.format == ".npy":
-            text = "".join(p + "\n" for p in self.paths)
-            atomic_write(paths_file(self.path), lambda f: f.write(text), text=True)
+            data = b"".join(os.fsencode(p) + b"\n" for p in self.paths)  # a file name's own bytes
+            atomic_write(paths_file(self.path), lambda f: f.write(data))
 
     def abort(self) -> None:
         """Drop what was written; the target stays as it was."""
@@ -329,8 +331,8 @@ def load_embeddings(path: PathLike) -> Tuple[np.ndarray, List[str]]:
         return flat.reshape(len(table), *shape).astype(np.float32), table.column("path").to_pylist()
     features = np.load(path)
     names = paths_file(path)
-    with open(names, encoding="utf-8", newline="") as f:
-        paths = f.read().split("\n")[:-1]
+    with open(names, "rb") as f:
+        paths = [os.fsdecode(line) for line in f.read().split(b"\n")[:-1]]
     if len(paths) != len(features):
         raise ValueError(f"{path} has {len(features)} rows but {names} lists {len(paths)} paths: the pair is from "
                          "two different runs (one was interrupted between the two files); run the embedding again")

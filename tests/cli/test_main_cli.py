@@ -191,15 +191,17 @@ def test_cli_predict_refuses_topk_below_one_before_loading_weights(tmp_path, cap
         assert "absent" not in err
 
 
+@pytest.mark.usefixtures("one_thread")  # small tensors: see conftest
 def test_cli_predict_output_and_embed_write_files_and_say_what_they_did(atto_file, photos, tmp_path, capsys):
     folder = tmp_path / "folder"
     folder.mkdir()
     for p in photos[:2]:
         shutil.copy(p, folder)
     (folder / "notes.jpg").write_text("this is not an image")
-    common = ["--model", "atto", "--checkpoint-path", str(atto_file), "--workers", "0", "--batch-size", "2"]
+    common = ["--model", "atto", "--checkpoint-path", str(atto_file), "--workers", "0", "--batch-size", "2",
+              "--backend", "eager"]
     out = tmp_path / "preds.jsonl"
-    assert main(["predict", str(folder), "--output", str(out), "--topk", "2", "--backend", "eager"] + common) == 1
+    assert main(["predict", str(folder), "--output", str(out), "--topk", "2"] + common) == 1
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["image"].rsplit("/", 1)[-1] for r in rows] == ["astronaut.png", "coffee.png", "notes.jpg"]
     assert [len(r["topk"]) for r in rows] == [2, 2, 0] and "cannot read image" in rows[2]["error"]

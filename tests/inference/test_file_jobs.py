@@ -216,3 +216,16 @@ def test_same_path_listed_twice_runs_twice_also_on_resume(model, folder, tmp_pat
     summary = predict_files(_predictor(model), twice, out, topk=1, workers=0, progress=False)
     assert summary.skipped == 2 and summary.processed == 1
     assert [r["image"] for r in _read(out)] == twice
+
+
+def test_a_file_name_that_is_not_utf8_is_written_and_resumed(model, folder, tmp_path):
+    import os
+    import shutil
+
+    odd = os.fsdecode(os.path.join(os.fsencode(str(tmp_path)), b"caf\xe9.png"))  # Latin-1 bytes in the name
+    shutil.copy(folder[0], odd)
+    out = tmp_path / "preds.jsonl"
+    predict_files(_predictor(model), [odd], out, topk=1, workers=0, progress=False)
+    assert predict_files(_predictor(model), [odd], out, topk=1, workers=0, progress=False).skipped == 1
+    embed_files(_predictor(model), [odd], tmp_path / "feats.npy", workers=0, progress=False)
+    assert load_embeddings(tmp_path / "feats.npy")[1] == [odd]
