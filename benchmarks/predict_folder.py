@@ -169,7 +169,8 @@ def main() -> None:
     base = len(paths) / statistics.median(rows["timm + DataLoader (eager fp32)"])
     print(f"\nConvNeXt V2-{a.model.capitalize()}, {len(paths)} JPEGs (500x375..1024x768), batch {a.batch_size}, "
           f"{workers} decoding workers, {torch.get_num_threads()} torch threads, {cpu_name()} "
-          f"({os.cpu_count()} CPUs), torch {torch.__version__}, timm {timm.__version__}; median of {a.rounds} round(s)\n")
+          f"({os.cpu_count()} CPUs), torch {torch.__version__}, timm {timm.__version__}; "
+          f"median of {a.rounds} round(s)\n")
     print("| path | img/s | vs timm | last batch ran on | top-1 = timm's |")
     print("|---|---|---|---|---|")
     for i, (name, times) in enumerate(rows.items()):
