@@ -15,6 +15,10 @@ form carry no writer, so they count as stale once untouched for an hour.
 
 A full disk (or quota) while writing raises ``DiskFullError`` naming the file; the previous file is
 left as it was.
+
+The one exception is a results file appended to while a long run goes on (``LineAppender``): it is
+flushed after every write and fsynced every few seconds, so a crash can at worst tear its last line,
+which ``drop_torn_tail`` removes before the run is resumed.
 """
 from __future__ import annotations
 
@@ -253,6 +257,91 @@ def atomic_torch_save(path: PathLike, obj: Any) -> None:
     import torch
 
     atomic_write(path, lambda f: torch.save(obj, f))
+
+
+# ------------------------------------------------------------------------------------------------
+# Files appended to during a long run (convnextv2 predict --output): they cannot be renamed into place
+# at the end without losing every result of an interrupted run, so they are written line by line.
+# ------------------------------------------------------------------------------------------------
+# How often an appended file is fsynced: a kill loses nothing the OS already has (every batch is
+# flushed), a power cut at most this many seconds of lines.
+APPEND_FSYNC_S = 10.0
+
+
+def drop_torn_tail(path: PathLike) -> int:
+    """Cut ``path`` back to the end of its last complete line (the last ``\n``); returns the bytes cut.
+
+    A process killed (or a disk that filled up) in the middle of appending a line leaves that line
+    without its newline; this removes it, so the next append starts on a line of its own.
+    """
+    with open(path, "r+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        end = size
+        while end > 0:
+            start = max(0, end - 65536)
+            f.seek(start)
+            found = f.read(end - start).rfind(b"\n")
+            if found >= 0:
+                end = start + found + 1
+                break
+            end = start
+        if end < size:
+            f.truncate(end)
+            f.flush()
+            os.fsync(f.fileno())
+    return size - end
+
+
+class LineAppender:
+    """Append whole lines to ``path`` during a long run, so that a crash loses or tears at most the last.
+
+    Each ``write`` hands its complete lines to the OS in one call (a killed process loses nothing
+    written before); the file is fsynced every ``fsync_every_s`` seconds and on ``close``, which bounds
+    what a power cut can lose. What a crash can leave is a torn last line: ``drop_torn_tail`` removes it
+    before the next run appends. ``header`` is written first when the file is new or empty. A full disk
+    raises ``DiskFullError``; the lines already written stay.
+    """
+
+    def __init__(self, path: PathLike, header: str = "", fsync_every_s: float = APPEND_FSYNC_S) -> None:
+        self.path = Path(path)
+        self.fsync_every_s = fsync_every_s
+        # surrogateescape: a file name that is not valid UTF-8 (os.fsdecode gives it lone surrogates) is
+        # written back as its own bytes instead of failing the job.
+        self._file = open(self.path, "a", encoding="utf-8", errors="surrogateescape", newline="")
+        self._synced = time.monotonic()
+        if header and self._file.tell() == 0:
+            self.write(header)
+
+    def write(self, lines: str) -> None:
+        """Append ``lines`` (complete lines, each ending in a newline) and pass them to the OS now."""
+        try:
+            self._file.write(lines)
+            self._file.flush()
+            if time.monotonic() - self._synced >= self.fsync_every_s:
+                os.fsync(self._file.fileno())
+                self._synced = time.monotonic()
+        except OSError as e:
+            if is_disk_full(e):
+                raise DiskFullError(f"the disk is full: could not append to {self.path} (the lines written so far "
+                                    f"are kept); free some space on {self.path.parent} and run the same command "
+                                    "again to go on where it stopped") from e
+            raise
+
+    def close(self) -> None:
+        """Flush and fsync the lines written; the file stays as it is."""
+        if self._file.closed:
+            return
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        finally:
+            self._file.close()
+
+    def __enter__(self) -> "LineAppender":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _fsync(p: Path, directory: bool) -> None:

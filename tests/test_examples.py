@@ -165,3 +165,20 @@ def test_export_onnx_and_pil_only_preprocessing(atto_file, photos, tmp_path, cap
         with torch.no_grad():
             expected = model(torch.from_numpy(ours)).numpy()
         assert np.abs(session.run(None, {"input": ours})[0] - expected).max() < 1e-4
+
+
+def test_nearest_neighbours_finds_an_images_copy(atto_file, photos, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "photos"
+    shutil.copytree(photos, folder)
+    shutil.copy(folder / "coffee.png", folder / "coffee_copy.png")
+    assert _example("nearest_neighbours").main([str(folder), "--model", "atto", "--checkpoint-path", atto_file,
+                                                "--resolution", "64", "--workers", "0"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("5 images, 320 features each")
+    pairs = dict(line.split("  (cosine")[0].split(" -> ") for line in lines[1:])
+    assert len(pairs) == 5 and all(a != b for a, b in pairs.items())
+    assert pairs[str(folder / "coffee.png")] == str(folder / "coffee_copy.png")
+    assert pairs[str(folder / "coffee_copy.png")] == str(folder / "coffee.png")
+    assert "coffee_copy.png  (cosine 1.000)" in "\n".join(lines)

@@ -1,5 +1,5 @@
-"""The ``convnextv2`` command: list / info / predict, and the subcommands of ``cli.analyze``, ``cli.fcmae_show``,
-``cli.convert`` and ``cli.push``.
+"""The ``convnextv2`` command: list / info / predict / embed, and the subcommands of ``cli.analyze``,
+``cli.fcmae_show``, ``cli.convert`` and ``cli.push``.
 
 Every subcommand imports what it runs when it runs, so ``convnextv2 --help`` answers without loading torch.
 """
@@ -8,14 +8,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 from ..preprocessing.images import SAMPLE_IMAGE, sample_image_path  # noqa: F401  (the photo predict classifies by default)
 from .analyze import add_analyze_parser
-from .arguments import add_weights_arguments, model_for_weights
+from .arguments import add_backend_arguments, add_file_job_arguments, add_weights_arguments, model_for_weights
 from .convert import add_convert_parser
 from .fcmae_show import add_fcmae_show_parser
 from .push import add_push_parser
+
+if TYPE_CHECKING:
+    from ..inference.predictor import Predictor
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -60,6 +63,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     # Bad arguments, mistyped paths and empty folders are named before any weights are read or downloaded
     # (unreadable files, in contrast, are reported per image and the others still classified).
     check_topk(args.topk)
+    if args.output is not None:
+        from ..inference.result_files import PREDICTION_FORMATS, output_format
+
+        output_format(args.output, PREDICTION_FORMATS, "the predictions")
     images = expand_image_paths(args.images or [sample_image_path()])
     # Refuses a --num-classes that would mean a new, untrained head (for a pretrained name: before downloading).
     model = load_classifier(
@@ -71,6 +78,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     # No batch larger than the images given: a compiled graph for 16 would pad one photo to 16.
     predictor = Predictor(model, backend=args.backend, batch_size=min(args.batch_size, len(images)),
                           progress=lambda line: print(line, file=sys.stderr, flush=True))
+    if args.output is not None:
+        return _predict_to_file(predictor, images, args)
     preds = predictor.classify(images, topk=args.topk)
     if args.json:
         print(json.dumps(
@@ -87,6 +96,42 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if failed:
         print(f"{len(failed)} of {len(preds)} images could not be read", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _predict_to_file(predictor: "Predictor", images: List[str], args: argparse.Namespace) -> int:
+    from ..inference.file_jobs import predict_files
+
+    summary = predict_files(predictor, images, args.output, topk=args.topk, workers=args.workers,
+                            overwrite=args.overwrite, progress=False if args.no_progress else None)
+    print(summary.describe(args.output), file=sys.stderr)
+    if summary.errors:
+        print(f"{len(summary.errors)} of {summary.processed} images could not be read (their lines in {args.output} "
+              "say why)", file=sys.stderr)
+    return 1 if summary.errors else 0
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from ..inference.file_jobs import embed_files
+    from ..inference.predictor import Predictor
+    from ..inference.result_files import check_embedding_output, paths_file
+    from ..models.factory import create
+    from ..preprocessing.images import expand_image_paths
+
+    check_embedding_output(args.output)  # format and pyarrow, before any weights are read
+    if args.no_pool and args.stage is None:
+        raise ValueError("--no-pool keeps a stage's whole map: give the stage too (--stage 0..3); the pre-logits "
+                         "features are pooled by definition")
+    images = expand_image_paths(args.images)
+    model = create(args.model, pretrained=args.checkpoint_path is None, checkpoint_path=args.checkpoint_path,
+                   num_classes=args.num_classes, force_download=args.force_download)
+    predictor = Predictor(model, backend=args.backend, batch_size=min(args.batch_size, len(images)))
+    summary = embed_files(predictor, images, args.output, stage=args.stage, pool=not args.no_pool,
+                          workers=args.workers, progress=False if args.no_progress else None)
+    where = f"{args.output} (paths: {paths_file(args.output)})" if args.output.lower().endswith(".npy") else args.output
+    print(summary.describe(where), file=sys.stderr)
+    for path, error in summary.errors:
+        print(f"{path}: {error}; left out", file=sys.stderr)
+    return 1 if summary.errors else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,11 +155,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model or checkpoint name (default: tiny; with --checkpoint-path, the size the file holds)")
     add_weights_arguments(p)
     p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--backend", default="auto", choices=["auto", "eager", "compile", "onnxruntime"],
-                   help="inference backend (default auto: fastest safe path; compiles only when it pays off)")
+    add_backend_arguments(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--output", help="write one line per image to this .jsonl or .csv file as the job goes (for "
+                                    "folders of any size); run again to resume an interrupted job")
+    p.add_argument("--overwrite", action="store_true", help="with --output: start the file afresh, do not resume")
+    add_file_job_arguments(p)
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("embed", help="features of images into a .npy (+ .paths.txt), .npz or .parquet file")
+    p.add_argument("images", nargs="+", help="image files and folders (searched recursively for images)")
+    p.add_argument("--model", default="tiny", help="model or checkpoint name, e.g. tiny or tiny.fcmae (default: tiny)")
+    add_weights_arguments(p)
+    p.add_argument("--output", required=True, help="feats.npy (paths in feats.paths.txt), feats.npz or feats.parquet")
+    p.add_argument("--stage", type=int, choices=range(4),
+                   help="a stage's output map (0-3) instead of the pooled pre-logits features")
+    p.add_argument("--no-pool", action="store_true",
+                   help="with --stage: keep the whole map (C x H/s x W/s per image) instead of its average")
+    add_backend_arguments(p)
+    add_file_job_arguments(p)
+    p.set_defaults(func=_cmd_embed)
     add_analyze_parser(sub)
     add_fcmae_show_parser(sub)
     add_convert_parser(sub)

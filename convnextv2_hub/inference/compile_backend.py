@@ -160,14 +160,16 @@ def cpu_block_forward(block: Block, x: torch.Tensor, dwconv_ln_kernel: bool) -> 
 
 class _Segment(nn.Module):
     """Stages ``first``..``last`` of a ConvNeXtV2 (each: downsampling layer + blocks), plus the head
-    when ``last`` is the final stage. Shares the model's parameters. ``cpu_forms``: run the ops in
-    the forms of the module docstring instead of the model's own modules."""
+    when ``last`` is the final stage (up to its LayerNorm only with ``pre_logits``). Shares the model's
+    parameters. ``cpu_forms``: run the ops in the forms of the module docstring instead of the model's
+    own modules."""
 
-    def __init__(self, model: ConvNeXtV2, first: int, last: int, cpu_forms: bool) -> None:
+    def __init__(self, model: ConvNeXtV2, first: int, last: int, cpu_forms: bool, pre_logits: bool = False) -> None:
         super().__init__()
         self.model = model
         self.first, self.last = first, last
         self.cpu_forms = cpu_forms
+        self.pre_logits = pre_logits
         # Built (or found in its cache) here, before tracing: the graph then calls the loaded op.
         self.dwconv_ln_kernel = cpu_forms and cpp_kernel.load()
 
@@ -178,7 +180,7 @@ class _Segment(nn.Module):
             x = downsample_as_linear(layer, x) if self.cpu_forms and i > 0 else layer(x)
             for block in self.model.stages[i]:
                 x = cpu_block_forward(block, x, self.dwconv_ln_kernel) if self.cpu_forms else block(x)
-        return self.model.forward_head(x) if self.last == 3 else x
+        return self.model.forward_head(x, pre_logits=self.pre_logits) if self.last == 3 else x
 
 
 def before_compiling_in_another_thread() -> None:
@@ -198,7 +200,8 @@ def before_compiling_in_another_thread() -> None:
 
 class CompiledConvNeXtV2:
     """``torch.compile`` (inductor, frozen weights, static shapes) of an eval-mode ConvNeXtV2 with a
-    classifier head, run in micro-batched segments (see the module docstring).
+    classifier head, run in micro-batched segments (see the module docstring). ``pre_logits=True``:
+    the graphs stop before the head's Linear and give the pooled features (``Predictor.embed``).
 
     The caller sets precision (autocast) and ``inference_mode``; inputs are N x 3 x H x W with H and
     W multiples of 32. Each new (segment, micro-batch shape) compiles on first use. The model's
@@ -209,12 +212,14 @@ class CompiledConvNeXtV2:
     about half as long, and each GEMM runs oneDNN's kernel, which may be the slower one.
     """
 
-    def __init__(self, model: ConvNeXtV2, rows: int = ROWS_PER_CHUNK, autotune: bool = True) -> None:
+    def __init__(self, model: ConvNeXtV2, rows: int = ROWS_PER_CHUNK, autotune: bool = True,
+                 pre_logits: bool = False) -> None:
         if model.features_only or model.training:
             raise ValueError("CompiledConvNeXtV2 needs an eval-mode model with a classifier head")
         self.model = model
         self.rows = rows
         self.autotune = autotune
+        self.pre_logits = pre_logits
         self._segments: Dict[Tuple[int, int], nn.Module] = {}
 
     def plan(self, x: torch.Tensor) -> List[Tuple[int, int, int]]:
@@ -233,7 +238,7 @@ class CompiledConvNeXtV2:
         key = (first, last)
         if key not in self._segments:
             # dynamic=False: static shapes give inductor its best kernels; a new shape recompiles.
-            segment = _Segment(self.model, first, last, cpu_forms=on_cpu)
+            segment = _Segment(self.model, first, last, cpu_forms=on_cpu, pre_logits=self.pre_logits)
             lean_guards = {}
             if _CAN_ISOLATE:
                 # Guards only on the input's metadata and the global state (grad mode, autocast).

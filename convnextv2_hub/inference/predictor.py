@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ..checkpoints.registry import get_checkpoint, label_names
 from ..models.convnextv2 import ConvNeXtV2
 from ..preprocessing.image_folder import default_transform
-from ..preprocessing.images import open_image
+from ..preprocessing.images import UNREADABLE_IMAGE_ERRORS, open_image
 
 if TYPE_CHECKING:
     from .compile_backend import CompiledConvNeXtV2
@@ -102,6 +102,12 @@ def check_batch(x: torch.Tensor, channels: int = 3) -> None:
             f"px (it downsamples by 32; a multiple of 32 is recommended)")
 
 
+def topk_labels(logits: torch.Tensor, names: Sequence[str], k: int) -> List[List[Tuple[str, float]]]:
+    """Per row of ``logits``: the ``k`` most probable ``(label, probability)`` after a softmax, best first."""
+    values, indices = logits.float().softmax(dim=-1).topk(k, dim=-1)
+    return [[(names[j], p) for j, p in zip(i, v)] for v, i in zip(values.tolist(), indices.tolist())]
+
+
 def _classify_with(
     run: Callable[[torch.Tensor], torch.Tensor],
     images: Iterable[ImageInput],
@@ -121,10 +127,8 @@ def _classify_with(
         if not pending:
             return
         batch = torch.stack([t for _, t in pending])
-        probs = run(batch).float().softmax(dim=-1)
-        values, indices = probs.topk(k, dim=-1)
-        for (pred, _), v, i in zip(pending, values.tolist(), indices.tolist()):
-            pred.topk = [(names[j], p) for j, p in zip(i, v)]
+        for (pred, _), top in zip(pending, topk_labels(run(batch), names, k)):
+            pred.topk = top
         pending.clear()
 
     for item in images:
@@ -132,7 +136,7 @@ def _classify_with(
         results.append(pred)
         try:
             tensor = transform(_load(item))
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        except UNREADABLE_IMAGE_ERRORS as exc:
             pred.error = f"cannot read image: {exc}"
             continue
         pending.append((pred, tensor))
@@ -268,7 +272,14 @@ class Predictor:
 
     ``model_or_name``: a ConvNeXtV2 (never modified: the predictor works on its own eval-mode copy)
     or a name for ``load_classifier`` (pretrained unless ``checkpoint_path`` is given; a ``num_classes``
-    that would leave the head new and untrained is refused).
+    that would leave the head new and untrained is refused). A model without a classifier head (an
+    FCMAE encoder, ``num_classes=0``) is accepted for ``embed`` only.
+
+    ``embed(batch)`` gives the pooled pre-logits features (what the head's Linear sees) through the same
+    backend as the logits: eager, compile (a graph of its own that stops before the Linear), auto (the
+    same calibration and switch, counted apart from the logits'), and eager fp32 for onnxruntime, whose
+    graph ends in the logits; also on fp32-only CPUs auto's embeddings stay on eager fp32 for that reason.
+    ``embed(batch, stage=s)`` gives stage ``s``'s map (pooled or not), in eager mode.
 
     Backends:
 
@@ -332,7 +343,9 @@ class Predictor:
                 device = next(model.parameters()).device
         else:
             raise TypeError(f"expected a ConvNeXtV2 or a model name, got {type(model_or_name).__name__}")
-        _require_head(model)
+        if model.features_only:
+            raise ValueError("Predictor needs a whole model, not a features_only one: create it without "
+                             "features_only (Predictor.embed(batch, stage=s) gives the stage maps)")
         self.device = torch.device(device)
         if backend == "onnxruntime" and self.device.type != "cpu":
             raise ValueError("the onnxruntime backend runs on the CPU; use device='cpu'")
@@ -365,16 +378,17 @@ class Predictor:
             self._model = self._model.to(memory_format=torch.channels_last)
         elif channels_last:
             self._model = self._model.to(memory_format=torch.channels_last)
-        self._compiled: Optional["CompiledConvNeXtV2"] = None
-        self._compiled_shapes: set = set()
+        # compiled graphs ending in the logits (False) and before the head's Linear (True, for embed)
+        self._compiled: Dict[bool, "CompiledConvNeXtV2"] = {}
+        self._compiled_shapes: set = set()  # (input shape, pre_logits) of the graphs compiled so far
         self._ort: Any = None
         self._setup_estimate_s = self._estimate_setup()
-        # auto's per-batch-size bookkeeping: fp32 time per image, seconds saved, switched or not
-        self._stats: Dict[int, Dict[str, float]] = {}
+        # auto's bookkeeping per (batch size, pre_logits): fp32 time, seconds saved, switched or not
+        self._stats: Dict[Tuple[int, bool], Dict[str, float]] = {}
         self.background = background
         self._progress = progress
-        # auto's slow starts in flight or done, per batch size: the thread and its error, if any
-        self._preparing: Dict[int, Tuple[threading.Thread, List[BaseException]]] = {}
+        # auto's slow starts in flight or done, per (batch size, pre_logits): the thread and its error, if any
+        self._preparing: Dict[Tuple[int, bool], Tuple[threading.Thread, List[BaseException]]] = {}
         self._setup_lock = threading.Lock()
         if backend == "onnxruntime":
             self._ort = self._make_ort()
@@ -383,16 +397,42 @@ class Predictor:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (float32, on the predictor's device) for an N x 3 x H x W normalised float batch, H and W >= 32."""
         check_batch(x)
-        if self.backend == "eager":
-            return self._run_eager(x)
-        if self.backend == "compile":
-            return self._run_compiled(x)
-        if self.backend == "onnxruntime":
-            return self._run_ort(x)
-        return self._run_auto(x)
+        self.require_head()
+        return self._dispatch(x, pre_logits=False)
+
+    def embed(self, x: torch.Tensor, stage: Optional[int] = None, pool: bool = True) -> torch.Tensor:
+        """Features (float32, on the predictor's device) of an N x 3 x H x W normalised float batch.
+
+        ``stage=None``: the pooled pre-logits features, N x C (``forward_head(forward_features(x),
+        pre_logits=True)``: global average pool and the head's LayerNorm), through the predictor's backend.
+        ``stage=s`` (0..3): stage ``s``'s output map, N x C_s x H/2^(s+2) x W/2^(s+2), or its global
+        average pool (N x C_s) with ``pool``; eager, in the predictor's precision.
+        """
+        check_batch(x)
+        if stage is None:
+            return self._dispatch(x, pre_logits=True)
+        if isinstance(stage, bool) or stage not in range(4):
+            raise ValueError(f"stage must be 0, 1, 2 or 3 (the four stages of ConvNeXt V2), got {stage!r}")
+        self._last_path = f"eager {self.precision}{' channels_last' if self.channels_last else ''}"
+        with torch.inference_mode(), self._autocast():
+            maps = self._model.forward_stages(self._prepare_input(x, self.channels_last), last_stage=stage)[-1]
+            return (maps.mean(dim=(2, 3)) if pool else maps.contiguous()).float()
+
+    def predict_batch(self, batch: torch.Tensor, topk: int = 5) -> List[List[Tuple[str, float]]]:
+        """Top-k ``(label, probability)`` per image of a preprocessed batch (what ``predict`` does after
+        reading and transforming the files); a batch smaller than ``batch_size`` is padded for compiled graphs."""
+        check_topk(topk)
+        return topk_labels(self._run_padded(batch), self.label_names, min(topk, self.num_classes))
+
+    def embed_batch(self, batch: torch.Tensor, stage: Optional[int] = None, pool: bool = True) -> torch.Tensor:
+        """``embed`` with a batch smaller than ``batch_size`` padded for compiled graphs (no recompile)."""
+        if stage is not None:
+            return self.embed(batch, stage=stage, pool=pool)
+        return self._run_padded(batch, pre_logits=True)
 
     def classify(self, images: Iterable[ImageInput], topk: int = 5) -> List[Prediction]:
         """Like ``classify()``: one Prediction per input, ``error`` set for unreadable files."""
+        self.require_head()
         return _classify_with(self._run_padded, images, self.label_names, self.transform, topk,
                               self.batch_size, self.num_classes)
 
@@ -420,7 +460,7 @@ class Predictor:
             "compile" if self.backend == "compile" else self._slow_start_kind())
         self._prepare(kind, example)
         if self.backend == "auto":
-            self._stats[n] = {"fp32_s": 0.0, "saved_s": 0.0, "switched": 1.0, "fp32_is_faster": 0.0}
+            self._stats[(n, False)] = {"fp32_s": 0.0, "saved_s": 0.0, "switched": 1.0, "fp32_is_faster": 0.0}
 
     @property
     def active_path(self) -> str:
@@ -432,6 +472,20 @@ class Predictor:
                 f"channels_last={self.channels_last}, batch_size={self.batch_size})")
 
     # --- backends ------------------------------------------------------------------------------
+    def require_head(self) -> None:
+        """Refuse (``ValueError``) to classify with a model that has no classifier head."""
+        if self.num_classes <= 0:
+            _require_head(self._model)
+
+    def _dispatch(self, x: torch.Tensor, pre_logits: bool) -> torch.Tensor:
+        if self.backend == "eager":
+            return self._run_eager(x, pre_logits)
+        if self.backend == "compile":
+            return self._run_compiled(x, pre_logits)
+        if self.backend == "onnxruntime":
+            return self._run_fp32_reference(x, pre_logits) if pre_logits else self._run_ort(x)
+        return self._run_auto(x, pre_logits)
+
     def _estimate_setup(self) -> float:
         blocks = sum(self._model.depths)
         per_block = ONNX_SECONDS_PER_BLOCK if self._slow_start_kind() == "onnxruntime" else COMPILE_SECONDS_PER_BLOCK
@@ -452,32 +506,35 @@ class Predictor:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=_DTYPES[self.precision])
 
-    def _run_eager(self, x: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _forward(model: ConvNeXtV2, x: torch.Tensor, pre_logits: bool) -> torch.Tensor:
+        return model.forward_head(model.forward_features(x), pre_logits=True) if pre_logits else model(x)
+
+    def _run_eager(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         self._last_path = f"eager {self.precision}{' channels_last' if self.channels_last else ''}"
         with torch.inference_mode(), self._autocast():
-            return self._model(self._prepare_input(x, self.channels_last)).float()
+            return self._forward(self._model, self._prepare_input(x, self.channels_last), pre_logits).float()
 
-    def _run_fp32_reference(self, x: torch.Tensor) -> torch.Tensor:
+    def _run_fp32_reference(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         self._last_path = "eager fp32"
         model = self._fp32_model if self._fp32_model is not None else self._model
         with torch.inference_mode():
-            return model(self._prepare_input(x, False)).float()
+            return self._forward(model, self._prepare_input(x, False), pre_logits).float()
 
-    def _run_compiled(self, x: torch.Tensor) -> torch.Tensor:
-        shape = tuple(x.shape)
-        if shape not in self._compiled_shapes:
-            self._prepare("compile", x)
+    def _run_compiled(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if (tuple(x.shape), pre_logits) not in self._compiled_shapes:
+            self._prepare("compile", x, pre_logits)
         self._last_path = f"compile {self.precision}{' channels_last' if self.channels_last else ''}"
         with torch.inference_mode(), self._autocast():
-            return self._compiled(self._prepare_input(x, self.channels_last)).float()
+            return self._compiled[pre_logits](self._prepare_input(x, self.channels_last)).float()
 
-    def _prepare(self, kind: str, example: torch.Tensor) -> None:
+    def _prepare(self, kind: str, example: torch.Tensor, pre_logits: bool = False) -> None:
         """Build the slow-start path ``kind`` for ``example``'s shape (any thread), saying so."""
         with self._setup_lock:
             what = (f"compiling the model for batch {example.shape[0]} at {example.shape[-2]}x{example.shape[-1]} "
                     f"({self.precision}; done once per batch size, the first time may take minutes on a CPU)"
                     if kind == "compile" else "exporting the model to ONNX Runtime")
-            if kind == "compile" and tuple(example.shape) in self._compiled_shapes:
+            if kind == "compile" and (tuple(example.shape), pre_logits) in self._compiled_shapes:
                 return
             if kind == "onnxruntime" and self._ort is not None:
                 return
@@ -486,13 +543,13 @@ class Predictor:
             if kind == "onnxruntime":
                 self._ort = self._make_ort()
             else:
-                if self._compiled is None:
+                if pre_logits not in self._compiled:
                     from .compile_backend import CompiledConvNeXtV2
 
-                    self._compiled = CompiledConvNeXtV2(self._model)
+                    self._compiled[pre_logits] = CompiledConvNeXtV2(self._model, pre_logits=pre_logits)
                 with torch.inference_mode(), self._autocast():
-                    self._compiled(self._prepare_input(example, self.channels_last))
-                self._compiled_shapes.add(tuple(example.shape))
+                    self._compiled[pre_logits](self._prepare_input(example, self.channels_last))
+                self._compiled_shapes.add((tuple(example.shape), pre_logits))
             self._say(f"{kind} ready after {time.perf_counter() - t0:.1f} s")
 
     def _say(self, line: str) -> None:
@@ -521,29 +578,31 @@ class Predictor:
         out = self._ort.run(None, {"input": x.detach().float().cpu().contiguous().numpy()})[0]
         return torch.from_numpy(out).to(self.device)
 
-    def _run_auto(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        st = self._stats.get(n)
+    def _run_auto(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        key = (x.shape[0], pre_logits)
+        st = self._stats.get(key)
         kind = self._slow_start_kind()
         if st is None:
             # First batch of this size: eager fp32 (exactly the baseline), timed to price the others.
             t0 = time.perf_counter()
-            out = self._run_fp32_reference(x)
+            out = self._run_fp32_reference(x, pre_logits)
             self._sync()
-            self._stats[n] = {"fp32_s": time.perf_counter() - t0, "saved_s": 0.0, "switched": 0.0,
-                              "fp32_is_faster": 0.0}
+            self._stats[key] = {"fp32_s": time.perf_counter() - t0, "saved_s": 0.0, "switched": 0.0,
+                                "fp32_is_faster": 0.0}
             return out
         if st["switched"]:
-            return self._run_compiled(x) if kind == "compile" else self._run_ort(x)
-        if st["saved_s"] >= self._setup_estimate_s and self._slow_start_ready(kind, x):
+            return self._run_compiled(x, pre_logits) if kind == "compile" else self._run_ort(x)
+        # The ONNX graph ends in the logits: embeddings never switch to it.
+        can_switch = kind == "compile" or not pre_logits
+        if can_switch and st["saved_s"] >= self._setup_estimate_s and self._slow_start_ready(kind, x, pre_logits):
             # The time saved so far pays for the start-up, and the start-up is done: switch.
             st["switched"] = 1.0
-            return self._run_compiled(x) if kind == "compile" else self._run_ort(x)
+            return self._run_compiled(x, pre_logits) if kind == "compile" else self._run_ort(x)
         t0 = time.perf_counter()
         if st["fp32_is_faster"] or (self.precision == "fp32" and not self.channels_last):
-            out = self._run_fp32_reference(x)  # nothing cheaper to run before the switch
+            out = self._run_fp32_reference(x, pre_logits)  # nothing cheaper to run before the switch
         else:
-            out = self._run_eager(x)
+            out = self._run_eager(x, pre_logits)
         self._sync()
         elapsed = time.perf_counter() - t0
         if self._last_path.startswith("eager") and self._last_path != "eager fp32" and elapsed > st["fp32_s"]:
@@ -552,25 +611,26 @@ class Predictor:
         st["saved_s"] += st["fp32_s"] - elapsed
         return out
 
-    def _slow_start_ready(self, kind: str, x: torch.Tensor) -> bool:
+    def _slow_start_ready(self, kind: str, x: torch.Tensor, pre_logits: bool = False) -> bool:
         """Whether ``kind`` can serve ``x``'s batch size; starts preparing it (in a background thread
         unless ``background=False``) the first time it is asked. A failed start is reported once and
         leaves the batch size on the eager path for good."""
-        n = x.shape[0]
-        if n not in self._preparing:
+        key = (x.shape[0], pre_logits)
+        if key not in self._preparing:
             errors: List[BaseException] = []
             example = x.detach().to("cpu", copy=True) if self.device.type == "cpu" else x.detach().clone()
 
             def work() -> None:
                 try:
-                    self._prepare(kind, example)
+                    self._prepare(kind, example, pre_logits)
                 except Exception as exc:  # reported on the serving thread, which carries on eagerly
                     errors.append(exc)
 
-            thread = threading.Thread(target=work, name=f"convnextv2_hub-{kind}-{n}", daemon=True)
-            self._preparing[n] = (thread, errors)
+            thread = threading.Thread(target=work, name=f"convnextv2_hub-{kind}-{key[0]}", daemon=True)
+            self._preparing[key] = (thread, errors)
             if self.background:
-                self._say(f"auto: preparing {kind} for batch {n} in the background; serving on the eager path meanwhile")
+                self._say(f"auto: preparing {kind} for batch {key[0]} in the background; serving on the eager path "
+                          "meanwhile")
                 if kind == "compile":
                     from .compile_backend import before_compiling_in_another_thread
 
@@ -578,13 +638,13 @@ class Predictor:
                 thread.start()
             else:
                 thread.run()
-        thread, errors = self._preparing[n]
+        thread, errors = self._preparing[key]
         if thread.is_alive():
             return False
         if errors:
-            if not self._stats[n].get("failed"):
-                self._stats[n]["failed"] = 1.0
-                warnings.warn(f"convnextv2_hub: auto could not prepare {kind} for batch {n} "
+            if not self._stats[key].get("failed"):
+                self._stats[key]["failed"] = 1.0
+                warnings.warn(f"convnextv2_hub: auto could not prepare {kind} for batch {key[0]} "
                               f"({type(errors[0]).__name__}: {errors[0]}); staying on the eager path", RuntimeWarning)
             return False
         return True
@@ -600,15 +660,16 @@ class Predictor:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _run_padded(self, batch: torch.Tensor) -> torch.Tensor:
-        """``predict``'s runner: pad a final partial batch for compiled graphs (no recompile)."""
+    def _run_padded(self, batch: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """``predict``'s and ``embed_batch``'s runner: pad a final partial batch for compiled graphs (no recompile)."""
         n = batch.shape[0]
+        run = self.embed if pre_logits else self
         compiled_for_full = self.backend == "compile" or (
-            self.backend == "auto" and self._stats.get(self.batch_size, {}).get("switched")
+            self.backend == "auto" and self._stats.get((self.batch_size, pre_logits), {}).get("switched")
             and self._slow_start_kind() == "compile")
         if compiled_for_full and n < self.batch_size:
             # Samples are independent (GRN and LayerNorm statistics are per image), so zero rows
             # change nothing for the real ones.
             pad = batch.new_zeros((self.batch_size - n,) + tuple(batch.shape[1:]))
-            return self(torch.cat([batch, pad]))[:n]
-        return self(batch)
+            return run(torch.cat([batch, pad]))[:n]
+        return run(batch)

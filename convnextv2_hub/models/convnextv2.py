@@ -179,21 +179,25 @@ class ConvNeXtV2(nn.Module):
         self.head = head.to(device=ref.device, dtype=ref.dtype)
         self.head.apply(init_weights)
 
-    def forward_stages(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
-        """Run stem and stages; return the output map of every stage (N, C_i, H/2^(i+2), W/2^(i+2))."""
+    def forward_stages(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                       last_stage: int = 3) -> List[torch.Tensor]:
+        """Run stem and stages up to ``last_stage``; return the output map of each stage run
+        (N, C_i, H/2^(i+2), W/2^(i+2))."""
         outs: List[torch.Tensor] = []
         for i, (down, stage) in enumerate(zip(self.downsample_layers, self.stages)):
-            x = down(x)
-            keep: Optional[torch.Tensor] = None
-            if mask is not None:
-                keep = _stage_keep(mask, 1 << (3 - i), x.dtype)
-                x = x * keep
-            for blk in stage:
-                if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
-                    x = torch.utils.checkpoint.checkpoint(blk, x, keep, use_reentrant=False)
-                else:
-                    x = blk(x, keep)
-            outs.append(x)
+            # An if, not a break: TorchScript unrolls loops over modules and allows no break in them.
+            if i <= last_stage:
+                x = down(x)
+                keep: Optional[torch.Tensor] = None
+                if mask is not None:
+                    keep = _stage_keep(mask, 1 << (3 - i), x.dtype)
+                    x = x * keep
+                for blk in stage:
+                    if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
+                        x = torch.utils.checkpoint.checkpoint(blk, x, keep, use_reentrant=False)
+                    else:
+                        x = blk(x, keep)
+                outs.append(x)
         return outs
 
     def forward_features(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Image folders: an ImageFolder-style dir (one sub-folder per class) or a flat folder, listed with a
-seeded round-robin selection across classes, the dataset and DataLoader that read the listed files,
-and ``default_transform``, a model's own eval preprocessing.
+seeded round-robin selection across classes, the dataset and DataLoader that read the listed files
+(``image_list_loader``, which fails on an unreadable file, and ``image_files_loader``, which reports it
+and goes on), and ``default_transform``, a model's own eval preprocessing.
 
 torch is imported inside the functions that use it: importing this module (as the ``convnextv2``
 command's parser does, through ``cli.analyze``) does not load it.
@@ -9,10 +10,10 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 from ..files import PathLike
-from .images import IMAGE_EXTENSIONS, is_image_name, open_image
+from .images import IMAGE_EXTENSIONS, UNREADABLE_IMAGE_ERRORS, is_image_name, open_image
 
 if TYPE_CHECKING:
     import torch
@@ -122,4 +123,58 @@ def image_list_loader(
     )
 
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageList", "default_transform", "image_list_loader", "list_images"]
+class ImageFiles:
+    """``i -> (i, tensor, None)`` for a readable file, ``(i, None, error message)`` for one that is not.
+
+    For jobs over folders that must not stop at one bad file (``convnextv2 predict --output``, ``embed``):
+    decoding and the transform run in the DataLoader's workers, and a failure comes back as data.
+    """
+
+    def __init__(self, paths: Sequence[str], transform: Callable[[Any], torch.Tensor]) -> None:
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> Tuple[int, Optional[torch.Tensor], Optional[str]]:
+        try:
+            return i, self.transform(open_image(self.paths[i])), None
+        except UNREADABLE_IMAGE_ERRORS as exc:
+            return i, None, f"cannot read image: {exc}"
+
+
+class FileBatch(NamedTuple):
+    """One batch of ``image_files_loader``: the indices (into its paths) of the readable images, their
+    stacked tensors (None when none was readable), and ``(index, error)`` for the others."""
+
+    indices: List[int]
+    images: Optional[torch.Tensor]
+    errors: List[Tuple[int, str]]
+
+
+def collate_image_files(items: Sequence[Tuple[int, Optional[torch.Tensor], Optional[str]]]) -> FileBatch:
+    """Stack the readable images of a batch of ``ImageFiles`` items; keep the errors apart."""
+    import torch
+
+    good = [(i, t) for i, t, _ in items if t is not None]
+    errors = [(i, e) for i, t, e in items if t is None]
+    images = torch.stack([t for _, t in good]) if good else None
+    return FileBatch([i for i, _ in good], images, errors)
+
+
+def image_files_loader(
+    paths: Sequence[str], transform: Callable[[Any], torch.Tensor], batch_size: int, workers: int,
+    pin_memory: bool = False,
+) -> torch.utils.data.DataLoader:
+    """A DataLoader of ``FileBatch`` over ``ImageFiles(paths, transform)``, in order: ``workers`` processes
+    decode and transform the next batches while the caller runs the current one."""
+    import torch
+
+    return torch.utils.data.DataLoader(
+        ImageFiles(paths, transform), batch_size=batch_size, shuffle=False, num_workers=workers,
+        collate_fn=collate_image_files, pin_memory=pin_memory,
+    )
+
+
+__all__ = ["IMAGE_EXTENSIONS", "FileBatch", "ImageFiles", "ImageList", "collate_image_files", "default_transform",
+           "image_files_loader", "image_list_loader", "list_images"]

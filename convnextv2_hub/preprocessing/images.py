@@ -22,6 +22,11 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", "
 SAMPLE_IMAGE = "sample.jpg"
 
 
+# What reading or preprocessing one bad image file raises (PIL.UnidentifiedImageError is an OSError; some
+# decoders raise ValueError or SyntaxError): the callers that report bad files one by one catch these.
+UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError)
+
+
 class ImageTooLargeError(OSError):
     """An image file with more pixels than ``PIL.Image.MAX_IMAGE_PIXELS``: a possible decompression bomb.
 
@@ -129,5 +134,5 @@ def _images_under(root: Path) -> List[str]:
     return [path for _, path in sorted(found)]
 
 
-__all__ = ["IMAGE_EXTENSIONS", "SAMPLE_IMAGE", "ImageTooLargeError", "expand_image_paths", "is_image_name",
-           "open_image", "sample_image_path"]
+__all__ = ["IMAGE_EXTENSIONS", "SAMPLE_IMAGE", "UNREADABLE_IMAGE_ERRORS", "ImageTooLargeError", "expand_image_paths",
+           "is_image_name", "open_image", "sample_image_path"]

@@ -1,6 +1,7 @@
 """predict() and the `convnextv2` command on real photos."""
 import importlib
 import json
+import shutil
 import subprocess
 import sys
 
@@ -188,3 +189,37 @@ def test_cli_predict_refuses_topk_below_one_before_loading_weights(tmp_path, cap
         err = capsys.readouterr().err
         assert code == 1 and "topk must be a whole number >= 1" in err and f"got {topk}" in err
         assert "absent" not in err
+
+
+@pytest.mark.usefixtures("one_thread")  # small tensors: see conftest
+def test_cli_predict_output_and_embed_write_files_and_say_what_they_did(atto_file, photos, tmp_path, capsys):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for p in photos[:2]:
+        shutil.copy(p, folder)
+    (folder / "notes.jpg").write_text("this is not an image")
+    common = ["--model", "atto", "--checkpoint-path", str(atto_file), "--workers", "0", "--batch-size", "2",
+              "--backend", "eager"]
+    out = tmp_path / "preds.jsonl"
+    assert main(["predict", str(folder), "--output", str(out), "--topk", "2"] + common) == 1
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["image"].rsplit("/", 1)[-1] for r in rows] == ["astronaut.png", "coffee.png", "notes.jpg"]
+    assert [len(r["topk"]) for r in rows] == [2, 2, 0] and "cannot read image" in rows[2]["error"]
+    err = capsys.readouterr().err
+    assert "3 images in" in err and "1 of 3 images could not be read" in err
+    assert main(["predict", str(folder), "--output", str(out)] + common) == 0  # resumed: nothing left
+    assert "3 already in" in capsys.readouterr().err and len(out.read_text().splitlines()) == 3
+
+    feats = tmp_path / "feats.npy"
+    assert main(["embed", str(folder), "--output", str(feats)] + common) == 1
+    err = capsys.readouterr().err
+    assert "notes.jpg: cannot read image" in err and "feats.paths.txt" in err
+    from convnextv2_hub.inference.result_files import load_embeddings
+
+    values, paths = load_embeddings(feats)
+    assert values.shape == (2, 320) and paths == [r["image"] for r in rows[:2]]
+    # Refused before any weights are read: an unknown format, --no-pool without a stage.
+    for bad, match in ((["--output", str(tmp_path / "f.h5")], "must end in .npy or .npz or .parquet"),
+                       (["--output", str(feats), "--no-pool"], "--no-pool keeps a stage's whole map")):
+        assert main(["embed", str(folder), "--model", "atto", "--checkpoint-path", str(tmp_path / "absent")] + bad) == 1
+        assert match in capsys.readouterr().err

@@ -150,8 +150,13 @@ def test_bad_arguments(model):
         Predictor(model, precision="int4")
     with pytest.raises(ValueError, match="N x 3 x H x W"):
         Predictor(model, backend="eager")(torch.zeros(3, SIZE, SIZE))
+    headless = Predictor(convnextv2("atto", num_classes=0), backend="eager")  # accepted: it can embed
     with pytest.raises(ValueError, match="classifier head"):
-        Predictor(convnextv2("atto", num_classes=0))
+        headless(torch.zeros(1, 3, SIZE, SIZE))
+    with pytest.raises(ValueError, match="classifier head"):
+        headless.predict([Image.new("RGB", (SIZE, SIZE))])
+    with pytest.raises(ValueError, match="features_only"):
+        Predictor(convnextv2("atto", features_only=True))
 
 
 def test_files_and_pil_images_of_any_mode_classify_alike(model, photos, tmp_path):
