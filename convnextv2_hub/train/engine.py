@@ -67,7 +67,19 @@ from .data import (
     finetune_train_transform,
     make_loader,
 )
-from .distributed import DistEnv, all_sum, barrier, init_distributed, shutdown
+from .distributed import (
+    DistEnv,
+    RanksDifferError,
+    all_gather_tensor,
+    all_sum,
+    barrier,
+    broadcast_object,
+    broadcast_state,
+    digest,
+    fingerprint,
+    init_distributed,
+    shutdown,
+)
 from .ema import ModelEma
 from .evaluation import amp_dtype, eval_loader, evaluate
 from .memory import plan_grad_checkpointing
@@ -211,7 +223,7 @@ class _LogWindow:
 # ------------------------------------------------------------------------------------------------
 def train(run: Run) -> Dict[str, Any]:
     """Pre-train (``run.mode == 'pretrain'``) or fine-tune; returns a summary dict."""
-    env = init_distributed(run.device)
+    env = init_distributed(run.device, run.cfg["dist_timeout_min"])
     out = Path(run.output_dir or "runs/" + run.mode)
     try:
         _refuse_earlier_run(run, env, out)
@@ -368,6 +380,10 @@ def _build_model(s: _Setup, data: _Data) -> _Model:
     cfg["grad_checkpointing"] = s.resolved["grad_checkpointing"] = ckpt
     if ckpt:
         (raw.encoder if s.mode == "pretrain" else raw).set_grad_checkpointing(True)
+    # Every process starts from rank 0's weights (the seeds are per process, and a --init file may
+    # differ between nodes), and the EMA is copied from them: DDP's own broadcast comes later, after
+    # the EMA copy, and would leave each process averaging a different model.
+    raw.load_state_dict(broadcast_state(raw.state_dict(), env))
     ema = ModelEma(raw, cfg["model_ema_decay"]) if (s.mode == "finetune" and cfg["model_ema"]) else None
     optimizer = build_optimizer(raw, cfg, s.mode, s.lr)
     amp = amp_dtype(cfg)
@@ -377,21 +393,71 @@ def _build_model(s: _Setup, data: _Data) -> _Model:
 
 def _resume(s: _Setup, data: _Data, model: _Model) -> _Progress:
     """The training state of ``--resume`` loaded into ``model`` and the loader's generator; where to
-    continue. The RNG states are returned, not restored: that happens last, just before the loop."""
+    continue. Decided once for the whole run: rank 0 looks for the file (``--resume auto``: in its own
+    ``--output``), reads and checks it, and sends every process its decision and then the state itself,
+    so all start from rank 0's weights, EMA, optimiser state and position, whether the others see the
+    same file (a shared file system), none (separate disks) or another one. When rank 0 cannot use the
+    file, every process stops with rank 0's message. The RNG states are returned, not restored: that
+    happens last, just before the loop."""
     progress = _Progress()
+    env = s.env
+    ckpt_path, state, failure = None, None, None
+    if env.is_main:
+        try:
+            ckpt_path, state = _read_resume_state(s)
+        except Exception as e:  # noqa: BLE001 (sent to the others first: they must not wait for a state that never comes)
+            failure = e
+    decision = broadcast_object(_resume_decision(ckpt_path, failure), env)
+    if failure is not None:
+        raise failure
+    if "error" in decision:
+        raise _ERRORS.get(decision["error"], RuntimeError)(decision["message"])
+    if decision["path"] is None:
+        return progress
+    state = broadcast_state(state, env)
+    _load_state(s, data, model, progress, state)
+    # ``state`` (rank 0: the checkpoint mapped from disk; the others: their copy) is freed on return:
+    # the model, EMA and optimiser hold copies, ``progress`` only this process's RNG states.
+    s.logger.info(f"resumed from {decision['path']}: {progress.ckpt_info}")
+    return progress
+
+
+# The errors rank 0 may meet reading --resume's file, by name: the other processes raise the same.
+_ERRORS = {"TrainingInputError": TrainingInputError, "CheckpointError": CheckpointError}
+
+
+def _resume_decision(ckpt_path: Optional[Path], failure: Optional[BaseException]) -> Dict[str, Any]:
+    if failure is None:
+        return {"path": str(ckpt_path) if ckpt_path is not None else None}
+    kind = next((name for name, cls in _ERRORS.items() if isinstance(failure, cls)), None)
+    if kind is None:  # a bug: rank 0 keeps its traceback, the others say where it happened
+        return {"error": "RuntimeError", "message": f"rank 0 failed while reading --resume's checkpoint: "
+                                                    f"{type(failure).__name__}: {failure}"}
+    return {"error": kind, "message": str(failure)}
+
+
+def _read_resume_state(s: _Setup) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
+    """(path, training state) of ``--resume`` (rank 0), or (None, None) when there is none to continue."""
     ckpt_path = find_resume(s.run)
     if ckpt_path is None:
-        return progress
-    env, logger = s.env, s.logger
+        return None, None
     # The package's safe reader: weights only, nothing in the file runs, and one clear
-    # CheckpointError for an empty, truncated or code-carrying file.
+    # CheckpointError for an empty, truncated or code-carrying file. Memory-mapped: the tensors are
+    # read from disk as they are copied into the model, never all held at once.
     try:
-        state = read_checkpoint_file(ckpt_path)
+        state = read_checkpoint_file(ckpt_path, mmap=True)
     except CheckpointError as e:  # the reader's message, said to be about --resume
         raise CheckpointError(f"--resume {s.run.resume}: {e}") from e
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("mode") != s.mode:
         raise TrainingInputError(f"{ckpt_path} is not a {s.mode} training state of this trainer ({STATE_FILE}); "
                                  "to start from weights, use --init")
+    return ckpt_path, state
+
+
+def _load_state(s: _Setup, data: _Data, model: _Model, progress: _Progress, state: Dict[str, Any]) -> None:
+    """``state`` (a ``checkpoint-last.pt``, the same on every process) into the model, EMA, optimiser,
+    scaler, loader generator and ``progress``."""
+    env, logger = s.env, s.logger
     model.raw.load_state_dict(state["model"])
     if model.ema is not None and state.get("ema") is not None:
         model.ema.load_state_dict(state["ema"])
@@ -402,7 +468,7 @@ def _resume(s: _Setup, data: _Data, model: _Model) -> _Progress:
     progress.best = dict(state.get("best", {}))
     if state["world_size"] == env.world_size and state["micro_per_epoch"] == data.micro_per_epoch:
         progress.rng = state["rng"][env.rank]
-        data.loader_gen.set_state(state["loader_generator"][env.rank])
+        data.loader_gen.set_state(state["loader_generator"][env.rank].cpu())
     else:
         logger.info("warning: world size or batch layout changed since the checkpoint; continuing with fresh RNG "
                     "streams at the next epoch boundary (not bit-exact)")
@@ -414,8 +480,6 @@ def _resume(s: _Setup, data: _Data, model: _Model) -> _Progress:
         logger.info(f"note: config differs from the checkpoint's: {changed}")
     logger.truncate_after(progress.epoch, progress.global_step)
     progress.ckpt_info = f"epoch {progress.epoch}, iteration {progress.micro}, step {progress.global_step}"
-    logger.info(f"resumed from {ckpt_path}: {progress.ckpt_info}")
-    return progress
 
 
 def _make_output(s: _Setup) -> None:
@@ -589,6 +653,8 @@ def _end_epoch(s: _Setup, data: _Data, model: _Model, progress: _Progress, epoch
         "lr": max(g["lr"] for g in model.optimizer.param_groups), "skipped_images": int(skipped_sum),
         "time_s": time.perf_counter() - started,
     }
+    if env.distributed:
+        entry["weights_digest"] = _check_ranks_agree(s, model, progress, f"the end of epoch {epoch}")
     last_eval = _evaluate_epoch(s, data, model, progress, epoch, entry) if data.val_loader is not None else {}
     s.logger.record(entry)
     s.logger.info(
@@ -641,6 +707,29 @@ def _check_weights(s: _Setup, model: _Model, progress: _Progress, where: str) ->
     if bad:
         shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
         raise NonFiniteLossError(_nonfinite_message(f"non-finite values in {shown} at {where}", s.out, progress.ckpt_info))
+
+
+def _check_ranks_agree(s: _Setup, model: _Model, progress: _Progress, where: str) -> List[str]:
+    """Stop, on every process together, when the processes' weights or EMA differ (a process started
+    from another state or with other settings, or drifted): evaluation would mix different models and
+    only rank 0's would be saved. Returns each rank's digest of its weights and EMA, for the log."""
+    parts = [("model", fingerprint(model.raw.state_dict().values()))]
+    if model.ema is not None:
+        parts.append(("EMA", fingerprint(model.ema.state_dict().values())))
+    gathered = all_gather_tensor(torch.cat([fp for _, fp in parts]), s.env)
+    sizes = [fp.shape[0] for _, fp in parts]
+    differ: Dict[str, List[int]] = {}
+    for rank, g in enumerate(gathered):
+        for (name, _), mine, rank0 in zip(parts, g.split(sizes), gathered[0].split(sizes)):
+            if not torch.equal(mine, rank0):
+                differ.setdefault(name, []).append(rank)
+    if differ:
+        what = ", ".join(f"the {name} of rank(s) {', '.join(map(str, ranks))}" for name, ranks in differ.items())
+        raise RanksDifferError(
+            f"the processes hold different weights at {where}: {what} differ from rank 0's. Every process must "
+            "run with the same flags and --set values; stopping. Nothing was saved after this point; "
+            f"{_last_good(s.out, progress.ckpt_info)}")
+    return [digest(g) for g in gathered]
 
 
 def _check_eval(s: _Setup, progress: _Progress, epoch: int, last_eval: Dict[str, Any]) -> None:

@@ -78,7 +78,7 @@ def run_eval(run: Run) -> Dict[str, Any]:
     """The ``eval`` command: top-1/top-5 of released (``--pretrained``) or own (``--init``) weights."""
     from ..models.factory import create
 
-    env = init_distributed(run.device)
+    env = init_distributed(run.device, run.cfg["dist_timeout_min"])
     cfg = C.device_defaults(run.cfg, env.device.type)
     try:
         loc = find_split(run.data_path, "val", fallback_to_root=True)
