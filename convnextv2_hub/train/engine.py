@@ -45,7 +45,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -55,6 +55,7 @@ from torch import nn
 from . import config as C
 from ..checkpoints.reading import CheckpointError, read_checkpoint_file
 from ..files import atomic_torch_save, atomic_write_json
+from ..preprocessing.transforms import normalize_images
 from .data import (
     MixupCutmix,
     TrainSampler,
@@ -166,6 +167,10 @@ class _Data:
     val_loader: Any
     val_shard: bool
     num_classes: int
+    # uint8 batches are normalised on the device by these (``preprocessing.transforms.normalize_images``);
+    # None: the loader's batches are normalised float32 already (fine-tuning with random erasing).
+    train_normalize: Optional[Callable]
+    eval_normalize: Optional[Callable]
     batch_size: int
     micro_per_epoch: int  # forward passes per epoch, a multiple of update_freq
     steps_per_epoch: int  # optimiser steps per epoch
@@ -302,18 +307,23 @@ def set_backends(cfg: Dict[str, Any], env: DistEnv, logger: Logger) -> None:
                     "(tf32=true); --set tf32=false for full float32")
 
 
-def _datasets(s: _Setup) -> Tuple[Any, Any, int]:
-    """(training set, validation set or None, class count; 0 for pre-training)."""
+def _datasets(s: _Setup) -> Tuple[Any, Any, int, Optional[Callable], Callable]:
+    """(training set, validation set or None, class count (0 for pre-training), the device-side
+    normalisation of training batches (None: they come normalised) and of evaluation batches). Images travel to the device as uint8 and are normalised there, a quarter of
+    the bytes through the loader's queues and pinned memory, except when fine-tuning with random
+    erasing: its noise is drawn in normalised units inside the per-sample seeded transform."""
     run, cfg = s.run, s.cfg
+    uint8 = s.mode == "pretrain" or cfg["reprob"] == 0
     train_loc = find_split(run.data_path, "train")
     if train_loc is None:
         raise TrainingInputError(f"no training data: expected {run.data_path}/train/ (ImageFolder) or {run.data_path}/train.txt")
     prep = eval_preprocessing(run.model, cfg["input_size"], cfg["crop_pct"], cfg["imagenet_default_mean_and_std"])
     if s.mode == "pretrain":
-        tf = fcmae_train_transform(cfg["input_size"], prep.mean, prep.std, cfg["train_interpolation"], cfg["train_crop_scale"] or (0.2, 1.0))
+        tf = fcmae_train_transform(cfg["input_size"], prep.mean, prep.std, cfg["train_interpolation"], cfg["train_crop_scale"] or (0.2, 1.0),
+                                   uint8=True)
     else:
         tf = finetune_train_transform(cfg["input_size"], prep.mean, prep.std, cfg["aa"], cfg["reprob"], cfg["remode"],
-                                      cfg["train_interpolation"], cfg["train_crop_scale"] or (0.08, 1.0))
+                                      cfg["train_interpolation"], cfg["train_crop_scale"] or (0.08, 1.0), uint8=uint8)
     train_ds = build_dataset(train_loc, tf)
     val_ds = None
     num_classes = 0
@@ -324,12 +334,13 @@ def _datasets(s: _Setup) -> Tuple[Any, Any, int]:
         _check_classes(train_loc, train_ds)
         val_loc = find_split(run.data_path, "val")
         if val_loc is not None:
-            val_ds = build_dataset(val_loc, eval_transform(prep))
+            val_ds = build_dataset(val_loc, eval_transform(prep, uint8=True))
             if not val_loc.is_file() and not train_loc.is_file() and val_ds.classes != train_ds.classes:
                 raise TrainingInputError(f"train/ and val/ have different class folders ({len(train_ds.classes)} vs {len(val_ds.classes)})")
         else:
             s.logger.info(f"note: no {run.data_path}/val: no evaluation during training")
-    return train_ds, val_ds, num_classes
+    normalize = normalize_images(prep.mean, prep.std)
+    return train_ds, val_ds, num_classes, normalize if uint8 else None, normalize
 
 
 def _check_classes(train_loc: Path, train_ds: Any) -> None:
@@ -347,7 +358,7 @@ def _check_classes(train_loc: Path, train_ds: Any) -> None:
 def _build_data(s: _Setup) -> _Data:
     """Datasets, the resumable training sampler and loader (its own seeded generator), the eval loader."""
     cfg, env = s.cfg, s.env
-    train_ds, val_ds, num_classes = _datasets(s)
+    train_ds, val_ds, num_classes, train_normalize, eval_normalize = _datasets(s)
     bs = cfg["batch_size"]
     sampler = TrainSampler(len(train_ds), env.world_size, env.rank, seed=cfg["seed"])
     micro_per_epoch = (sampler.num_samples // bs) // s.update_freq * s.update_freq
@@ -362,8 +373,8 @@ def _build_data(s: _Setup) -> _Data:
     loader = make_loader(train_ds, bs, sampler, num_workers, cfg["pin_mem"] and env.device.type == "cuda", loader_gen,
                          drop_last=True)
     val_loader, val_shard = eval_loader(val_ds, cfg, env, num_workers) if val_ds is not None else (None, False)
-    return _Data(train_ds, sampler, loader, loader_gen, val_loader, val_shard, num_classes, bs,
-                 micro_per_epoch, micro_per_epoch // s.update_freq)
+    return _Data(train_ds, sampler, loader, loader_gen, val_loader, val_shard, num_classes, train_normalize,
+                 eval_normalize, bs, micro_per_epoch, micro_per_epoch // s.update_freq)
 
 
 def _build_model(s: _Setup, data: _Data) -> _Model:
@@ -539,6 +550,8 @@ def _train_epoch(s: _Setup, data: _Data, model: _Model, progress: _Progress, epo
         if i % s.update_freq == 0:
             set_lr(model.optimizer, lr_at(epoch + i / data.micro_per_epoch, s.lr, cfg["min_lr"], cfg["warmup_epochs"], cfg["epochs"]))
         images = images.to(env.device, non_blocking=True)
+        if data.train_normalize is not None:
+            images = data.train_normalize(images)
         if cfg["channels_last"]:
             images = images.contiguous(memory_format=torch.channels_last)
         labels = labels.to(env.device, non_blocking=True)
@@ -679,10 +692,12 @@ def _evaluate_epoch(s: _Setup, data: _Data, model: _Model, progress: _Progress, 
     """Top-1/top-5 of the model (and the EMA with ``model_ema_eval``) into the epoch line ``entry``;
     the best top-1 so far. Returns what ``eval.json`` gets."""
     cfg = s.cfg
-    result = {"epoch": epoch, **evaluate(model.eval_model, data.val_loader, s.env, model.amp, cfg["channels_last"], reduce=data.val_shard)}
+    result = {"epoch": epoch, **evaluate(model.eval_model, data.val_loader, s.env, model.amp, cfg["channels_last"], reduce=data.val_shard,
+                                         normalize=data.eval_normalize)}
     entry["val"] = {k: result[k] for k in ("top1", "top5", "loss")}
     if model.ema is not None and cfg["model_ema_eval"]:
-        result["ema"] = evaluate(model.ema.module, data.val_loader, s.env, model.amp, cfg["channels_last"], reduce=data.val_shard)
+        result["ema"] = evaluate(model.ema.module, data.val_loader, s.env, model.amp, cfg["channels_last"], reduce=data.val_shard,
+                                 normalize=data.eval_normalize)
         entry["val_ema"] = {k: result["ema"][k] for k in ("top1", "top5", "loss")}
     if result["top1"] >= progress.best.get("top1", -1.0):
         progress.best = {"top1": result["top1"], "epoch": epoch}

@@ -3,13 +3,14 @@ released or own weights on a validation set."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..files import atomic_write_json
+from ..preprocessing.transforms import normalize_images
 from . import config as C
 from .data import ShardSampler, build_dataset, default_num_workers, eval_preprocessing, eval_transform, find_split, make_loader
 from .distributed import DistEnv, all_sum, init_distributed, shutdown
@@ -17,14 +18,18 @@ from .run import Run, TrainingInputError
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, env: DistEnv, amp: Optional[torch.dtype], channels_last: bool = False, reduce: bool = True) -> Dict[str, Any]:
-    """Top-1/top-5 (percent), mean CE loss and image count; exact over processes (shards, no padding)."""
+def evaluate(model: nn.Module, loader, env: DistEnv, amp: Optional[torch.dtype], channels_last: bool = False, reduce: bool = True,
+             normalize: Optional[Callable] = None) -> Dict[str, Any]:
+    """Top-1/top-5 (percent), mean CE loss and image count; exact over processes (shards, no padding).
+    ``normalize``: applied on the device to the loader's (uint8) batches."""
     was_training = model.training
     model.eval()
     c1 = c5 = n = loss_sum = skipped = 0.0
     num_classes = None
     for images, labels, skip in loader:
         images = images.to(env.device, non_blocking=True)
+        if normalize is not None:
+            images = normalize(images)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         labels = labels.to(env.device, non_blocking=True)
@@ -85,7 +90,7 @@ def run_eval(run: Run) -> Dict[str, Any]:
         if loc is None:
             raise TrainingInputError(f"no evaluation data at {run.data_path}")
         prep = eval_preprocessing(run.model, cfg["input_size"], cfg["crop_pct"], cfg["imagenet_default_mean_and_std"])
-        ds = build_dataset(loc, eval_transform(prep))
+        ds = build_dataset(loc, eval_transform(prep, uint8=True))
         num_classes = cfg["nb_classes"] or (None if run.pretrained else _checkpoint_classes(run.init)) or len(ds.classes)
         if run.pretrained:
             model = create(run.model, pretrained=True)
@@ -98,7 +103,8 @@ def run_eval(run: Run) -> Dict[str, Any]:
             model.to(memory_format=torch.channels_last)
         nw = cfg["num_workers"] if cfg["num_workers"] is not None else default_num_workers()
         loader, shard = eval_loader(ds, cfg, env, nw)
-        res = evaluate(model, loader, env, amp_dtype(cfg), cfg["channels_last"], reduce=shard)
+        res = evaluate(model, loader, env, amp_dtype(cfg), cfg["channels_last"], reduce=shard,
+                       normalize=normalize_images(prep.mean, prep.std))
         res.update(
             model=run.model,
             weights=run.init or getattr(getattr(model, "checkpoint", None), "name", run.model),
