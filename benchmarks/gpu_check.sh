@@ -43,7 +43,7 @@ if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
     FCMAE_T=(--device cpu --variant atto --size 64 --batch-size 2 --steps 1 --warmup 0)
     FCMAE_B=(--device cpu --variant atto --size 64 --batch-size 4 --steps 1 --warmup 0)
     DATA=(--device cpu --quick --workers 0,1)
-    LIMIT_INFER=180; LIMIT_TRAIN=120; LIMIT_COMPILE=400; LIMIT_FCMAE=120; LIMIT_DATA=150
+    LIMIT_INFER=900; LIMIT_TRAIN=600; LIMIT_COMPILE=900; LIMIT_FCMAE=600; LIMIT_DATA=600  # a busy shared CPU
 else
     $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || {
         echo "no CUDA device visible to torch; GPU_CHECK_SMOKE=1 runs the steps on the CPU"; exit 1; }

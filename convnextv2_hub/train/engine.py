@@ -241,6 +241,7 @@ def train(run: Run) -> Dict[str, Any]:
         _wrap_model(s, data, model)
         if progress.rng is not None:
             restore_rng(progress.rng, env.device)  # last: nothing above may draw from it
+            progress.rng = None  # the last piece of the loaded checkpoint (rank 0: a view of the mapped file)
         model.fwd.train()
         model.optimizer.zero_grad(set_to_none=True)
         last_eval: Dict[str, Any] = {}
@@ -309,9 +310,10 @@ def set_backends(cfg: Dict[str, Any], env: DistEnv, logger: Logger) -> None:
 
 def _datasets(s: _Setup) -> Tuple[Any, Any, int, Optional[Callable], Callable]:
     """(training set, validation set or None, class count (0 for pre-training), the device-side
-    normalisation of training batches (None: they come normalised) and of evaluation batches). Images travel to the device as uint8 and are normalised there, a quarter of
-    the bytes through the loader's queues and pinned memory, except when fine-tuning with random
-    erasing: its noise is drawn in normalised units inside the per-sample seeded transform."""
+    normalisation of training batches (None: they come normalised) and of evaluation batches).
+    Images travel to the device as uint8 and are normalised there, a quarter of the bytes through the
+    loader's queues and pinned memory, except when fine-tuning with random erasing: its noise is drawn
+    in normalised units inside the per-sample seeded transform."""
     run, cfg = s.run, s.cfg
     uint8 = s.mode == "pretrain" or cfg["reprob"] == 0
     train_loc = find_split(run.data_path, "train")
