@@ -41,6 +41,8 @@ def _worker(args: argparse.Namespace) -> Dict[str, float]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.tf32:  # as the trainer runs the fp32 FCMAE recipe on GPUs (its ``tf32`` key)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)
     model = FCMAE(args.variant, mask_ratio=args.mask_ratio, sparse=(args.worker == "sparse")).to(device).train()
     x = torch.randn(args.batch_size, 3, args.size, args.size, device=device)
@@ -91,7 +93,7 @@ def _forwarded(args: argparse.Namespace) -> List[str]:
         "--mask-ratio", str(args.mask_ratio), "--steps", str(args.steps), "--warmup", str(args.warmup),
         "--device", args.device, "--threads", str(args.threads),
     ]
-    return out + (["--bf16"] if args.bf16 else [])
+    return out + (["--bf16"] if args.bf16 else []) + (["--tf32"] if args.tf32 else [])
 
 
 def main(argv: List[str] | None = None) -> int:
@@ -107,6 +109,7 @@ def main(argv: List[str] | None = None) -> int:
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
     p.add_argument("--device", default="cpu")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    p.add_argument("--tf32", action="store_true", help="TF32 matmuls and cuDNN convolutions (CUDA; the trainer's default there)")
     p.add_argument("--json", action="store_true", help="also print the raw results as JSON")
     p.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -131,7 +134,7 @@ def main(argv: List[str] | None = None) -> int:
     threads = next(iter(best.values()))["threads"]
     print(
         f"FCMAE-{args.variant}, {args.size}x{args.size}, batch {args.batch_size}, mask ratio {args.mask_ratio}, "
-        f"forward+backward, {args.device}{' bf16 autocast' if args.bf16 else ' fp32'}, {int(threads)} threads, "
+        f"forward+backward, {args.device}{' bf16 autocast' if args.bf16 else ' fp32'}{' (TF32)' if args.tf32 else ''}, {int(threads)} threads, "
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}; median of {args.steps} steps, "
         f"best of {args.rounds} round(s)\n"
     )

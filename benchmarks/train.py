@@ -1,4 +1,4 @@
-"""Fine-tuning step throughput: ConvNeXt V2-Tiny at 224, ours vs timm's ``convnextv2_tiny``.
+"""Fine-tuning step throughput: ConvNeXt V2-Tiny (``--variant``) at 224, ours vs timm's ``convnextv2_tiny``.
 
 One step = forward, label-smoothed cross-entropy, backward, AdamW step, zero_grad: what the trainer
 does per optimiser step, minus data loading (synthetic batch) and EMA. Both sides get the Tiny
@@ -10,6 +10,8 @@ shared with other jobs slows both alike; the median step time is reported.
     python benchmarks/train.py                       # batch 16, 6 timed steps each
     python benchmarks/train.py --quick               # batch 8, 3 timed steps each
     python benchmarks/train.py --amp --channels-last # bf16 autocast + channels_last (both models)
+    python benchmarks/train.py --device cuda --amp --channels-last --compile --batch-size 128
+    python benchmarks/train.py --variant atto --resolution 64 --batch-size 4   # a small smoke run
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ def make_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tenso
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variant", default="tiny", help="model size (timm: convnextv2_<variant>)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=6, help="timed steps per model")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
@@ -64,8 +67,8 @@ def main() -> None:
 
     dev = torch.device(a.device)
     torch.manual_seed(0)
-    ours = convnextv2("tiny", num_classes=1000, drop_path_rate=0.2, head_init_scale=0.001)
-    theirs = timm.create_model("convnextv2_tiny", pretrained=False, num_classes=1000, drop_path_rate=0.2)
+    ours = convnextv2(a.variant, num_classes=1000, drop_path_rate=0.2, head_init_scale=0.001)
+    theirs = timm.create_model(f"convnextv2_{a.variant}", pretrained=False, num_classes=1000, drop_path_rate=0.2)
     models = {"convnextv2_hub": ours, f"timm {timm.__version__}": theirs}
     groups = {
         "convnextv2_hub": lambda m: param_groups(m, 0.05, 0.9, "single", "finetune"),
@@ -96,7 +99,7 @@ def main() -> None:
 
     ref = statistics.median(times[f"timm {timm.__version__}"])
     mode = ", ".join(x for x, on in (("bf16 autocast", a.amp), ("channels_last", a.channels_last), ("compile", a.compile)) if on) or "fp32 eager"
-    print(f"\nConvNeXt V2-Tiny fine-tune step, {a.resolution}px, batch {a.batch_size}, {dev}, {torch.get_num_threads()} threads, {mode}; "
+    print(f"\nConvNeXt V2-{a.variant} fine-tune step, {a.resolution}px, batch {a.batch_size}, {dev}, {torch.get_num_threads()} threads, {mode}; "
           f"median of {a.steps} steps; load average {load_before[0]:.1f} -> {load_after[0]:.1f} on {os.cpu_count()} CPUs\n")
     print("| model | img/s | ms/step (median) | min ms | vs timm |")
     print("|---|---|---|---|---|")

@@ -121,7 +121,7 @@ def _looks_like_safetensors(head: bytes, size: int) -> bool:
     return head[8:9] == b"{" and 0 < n <= size - 8
 
 
-def _read_file(path: Path) -> object:
+def _read_file(path: Path, mmap: bool = False) -> object:
     size = path.stat().st_size
     if size == 0:
         raise CheckpointError(f"checkpoint {str(path)!r} is empty (0 bytes): the download or save was interrupted; fetch or save it again")
@@ -136,19 +136,19 @@ def _read_file(path: Path) -> object:
                 "corrupt: download or save it again"
             ) from e
     if head.startswith(_ZIP_MAGIC) or head[:1] == b"\x80":  # torch zip format or a protocol>=2 pickle
-        return _torch_load(path)
+        return _torch_load(path, mmap=mmap and head.startswith(_ZIP_MAGIC))  # mmap needs the zip format
     raise CheckpointError(
         f"checkpoint {str(path)!r} is neither a PyTorch file (zip or pickle) nor a safetensors file "
         f"(it starts with {head[:8]!r}); it is corrupt or not a checkpoint: download or save it again"
     )
 
 
-def _torch_load(path: Path) -> object:
+def _torch_load(path: Path, mmap: bool = False) -> object:
     try:
         with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
             # Raw protocol-4 pickles make torch warn before refusing them; our error says more.
             warnings.filterwarnings("ignore", message=".*pickle protocol.*")
-            return torch.load(str(path), map_location="cpu", weights_only=True)
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         objects = _pickle_globals(path)
         if objects:
@@ -260,15 +260,16 @@ def is_safetensors(path: PathLike) -> bool:
     return _looks_like_safetensors(head, path.stat().st_size)
 
 
-def read_checkpoint_file(path: PathLike) -> object:
+def read_checkpoint_file(path: PathLike, mmap: bool = False) -> object:
     """What the checkpoint file ``path`` holds, not unwrapped: a safetensors file's tensors, or what
     ``torch.load(weights_only=True)`` gives (a training checkpoint keeps its ``args``, ``epoch``, ...).
     Read as ``read_state_dict`` reads a file, with its errors; ``read_state_dict`` of the result is its
-    state dict."""
+    state dict. ``mmap``: a PyTorch zip file's tensors are mapped from the file (copy-on-write) and read
+    from disk when used, rather than all read into memory at once."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointNotFoundError(f"checkpoint {str(path)!r} does not exist or is not a file; check the path")
-    return _read_file(path)
+    return _read_file(path, mmap)
 
 
 __all__ = [

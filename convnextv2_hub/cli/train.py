@@ -144,10 +144,12 @@ def _expected_errors() -> Tuple[Type[BaseException], ...]:
     OSError covers what the file system refuses (permissions, a full disk: ``files.DiskFullError``)."""
     from ..checkpoints.download import CheckpointDownloadError
     from ..checkpoints.reading import CheckpointError
+    from ..train.distributed import RanksDifferError
     from ..train.engine import NonFiniteLossError
     from ..train.run import TrainingInputError
 
-    return (C.ConfigError, TrainingInputError, CheckpointError, CheckpointDownloadError, NonFiniteLossError, OSError)
+    return (C.ConfigError, TrainingInputError, CheckpointError, CheckpointDownloadError, NonFiniteLossError,
+            RanksDifferError, OSError)
 
 
 def _print_recipes(name: Optional[str]) -> None:

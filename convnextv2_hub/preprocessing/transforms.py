@@ -128,15 +128,22 @@ def interpolation_mode(name: str) -> v2.InterpolationMode:
         raise ValueError(f"unknown interpolation {name!r}; use one of {[m.value for m in v2.InterpolationMode]}") from None
 
 
+def normalize_images(mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    """uint8 images (3, H, W) or a batch of them (N, 3, H, W), on any device -> float32 in [0, 1] ->
+    ``(x - mean) / std``. The same element-wise operations on one image or a batch give the same
+    numbers, so the trainer runs this on the GPU for batches that travel as uint8."""
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))])
+
+
 def to_normalized_tensor(mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
     """The last step of every pipeline: RGB PIL image -> float32 (3, H, W) in [0, 1] -> ``(x - mean) / std``."""
-    return v2.Compose(
-        [
-            v2.PILToTensor(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean=list(mean), std=list(std)),
-        ]
-    )
+    return v2.Compose([v2.PILToTensor(), normalize_images(mean, std)])
+
+
+def final_step(mean: Sequence[float], std: Sequence[float], uint8: bool = False) -> Callable:
+    """``to_normalized_tensor``, or with ``uint8`` the image as a uint8 (3, H, W) tensor, to be
+    normalised later by ``normalize_images`` (a quarter of the bytes through the loader and onto the GPU)."""
+    return v2.PILToTensor() if uint8 else to_normalized_tensor(mean, std)
 
 
 def eval_transform(
@@ -146,8 +153,10 @@ def eval_transform(
     interpolation: str = "bicubic",
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    uint8: bool = False,
 ) -> Callable[[ImageLike], torch.Tensor]:
-    """Deterministic eval pipeline: image -> float32 tensor (3, resolution, resolution).
+    """Deterministic eval pipeline: image -> float32 tensor (3, resolution, resolution) (with ``uint8``:
+    the uint8 image, see ``final_step``).
 
     ``crop_mode="center"``: shorter side to ``floor(resolution / crop_pct)`` then centre crop
     (``math.floor``, as timm, so 224 / 0.875 -> 256). ``"squash"``: resize both sides to
@@ -166,7 +175,7 @@ def eval_transform(
     steps = [ToRGB(), resize]
     if scale != resolution or crop_mode == "center":
         steps.append(v2.CenterCrop(resolution))
-    return v2.Compose(steps + [to_normalized_tensor(mean, std)])
+    return v2.Compose(steps + [final_step(mean, std, uint8)])
 
 
 def train_transform(
@@ -175,8 +184,10 @@ def train_transform(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     scale: Sequence[float] = (0.08, 1.0),
+    uint8: bool = False,
 ) -> Callable[[ImageLike], torch.Tensor]:
-    """Basic training pipeline: RandomResizedCrop (bicubic, timm's default scale) + horizontal flip.
+    """Basic training pipeline: RandomResizedCrop (bicubic, timm's default scale) + horizontal flip
+    (``uint8``: see ``final_step``).
 
     FCMAE pre-training is this pipeline with scale (0.2, 1.0) (``train.data.fcmae_train_transform``);
     the authors' fine-tuning adds RandAugment and random erasing (``train.data.finetune_train_transform``).
@@ -186,7 +197,7 @@ def train_transform(
             ToRGB(),
             v2.RandomResizedCrop(resolution, scale=tuple(scale), interpolation=interpolation_mode(interpolation), antialias=True),
             v2.RandomHorizontalFlip(),
-            to_normalized_tensor(mean, std),
+            final_step(mean, std, uint8),
         ]
     )
 
@@ -196,7 +207,9 @@ __all__ = [
     "IMAGENET_STD",
     "ToRGB",
     "eval_transform",
+    "final_step",
     "interpolation_mode",
+    "normalize_images",
     "to_normalized_tensor",
     "to_rgb",
     "train_transform",

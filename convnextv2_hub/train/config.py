@@ -91,6 +91,7 @@ KEYS: Dict[str, Tuple[Any, str, str]] = {
     "save_ckpt_steps": (0, "int", "also save it every N optimiser steps (0: off) [ours]"),
     "log_interval": (20, "int", "optimiser steps between log.jsonl step lines; the losses stay on the device in between and are read back (and checked to be finite) then, and before every save [ours]"),
     "dist_eval": (True, "bool", "shard evaluation over processes (exact counts, no padding)"),
+    "dist_timeout_min": (30.0, "float", "minutes a process waits in a collective for the others before the run stops: a lost or stuck peer ends the run instead of hanging it; long enough for rank 0 to read a large checkpoint or scan a large file list while the others wait [ours]"),
     "tensorboard": (True, "bool", "write TensorBoard events when tensorboard is installed [ours]"),
 }
 

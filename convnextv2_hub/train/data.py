@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
 from ..preprocessing.images import IMAGE_EXTENSIONS, open_image
-from ..preprocessing.transforms import ToRGB, interpolation_mode, to_normalized_tensor, train_transform
+from ..preprocessing.transforms import ToRGB, final_step, interpolation_mode, train_transform
 from ..preprocessing.transforms import eval_transform as preprocessing_eval_transform
 from .run import TrainingInputError
 
@@ -241,11 +241,12 @@ class ShardSampler(Sampler):
 # Transforms
 # ------------------------------------------------------------------------------------------------
 def fcmae_train_transform(
-    input_size: int, mean: Sequence[float], std: Sequence[float], interpolation: str = "bicubic", scale: Sequence[float] = (0.2, 1.0)
+    input_size: int, mean: Sequence[float], std: Sequence[float], interpolation: str = "bicubic", scale: Sequence[float] = (0.2, 1.0),
+    uint8: bool = False,
 ) -> Callable:
     """The authors' pre-training augmentation: RandomResizedCrop(scale 0.2-1, bicubic) + flip, nothing else
-    (``preprocessing.transforms.train_transform`` with that scale)."""
-    return train_transform(input_size, interpolation, mean, std, scale)
+    (``preprocessing.transforms.train_transform`` with that scale; ``uint8``: unnormalised uint8 images)."""
+    return train_transform(input_size, interpolation, mean, std, scale, uint8)
 
 
 class RandAugmentOp(v2.RandAugment):
@@ -285,10 +286,14 @@ def finetune_train_transform(
     remode: str = "pixel",
     interpolation: str = "bicubic",
     scale: Sequence[float] = (0.08, 1.0),
+    uint8: bool = False,
 ) -> Callable:
     """timm ``create_transform(is_training=True)`` as the authors use it, on torchvision.transforms.v2:
     RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3) -> flip -> RandAugment -> tensor, normalise ->
-    RandomErasing(reprob; 'pixel' = per-pixel normal noise, timm's pixel mode)."""
+    RandomErasing(reprob; 'pixel' = per-pixel normal noise, timm's pixel mode). ``uint8`` (only without
+    erasing, whose noise is drawn in normalised units): unnormalised uint8 images."""
+    if uint8 and reprob > 0:
+        raise ValueError("uint8 output needs reprob=0: random erasing fills with noise in normalised units")
     steps: list = [
         ToRGB(),
         v2.RandomResizedCrop(input_size, scale=tuple(scale), ratio=(3 / 4, 4 / 3), interpolation=interpolation_mode(interpolation), antialias=True),
@@ -296,7 +301,7 @@ def finetune_train_transform(
     ]
     if aa not in (None, "", "none"):
         steps.append(rand_augment(aa, mean))
-    steps.append(to_normalized_tensor(mean, std))
+    steps.append(final_step(mean, std, uint8))
     if reprob > 0:
         steps.append(v2.RandomErasing(p=reprob, value="random" if remode == "pixel" else 0))
     return v2.Compose(steps)
@@ -339,9 +344,9 @@ def eval_preprocessing(model_name: Any, input_size: int, crop_pct: Optional[floa
     return EvalPreprocessing(input_size, pct, mode, ckpt.interpolation, tuple(mean), tuple(std))  # type: ignore[arg-type]
 
 
-def eval_transform(p: EvalPreprocessing) -> Callable:
+def eval_transform(p: EvalPreprocessing, uint8: bool = False) -> Callable:
     """``preprocessing.transforms.eval_transform`` with these settings."""
-    return preprocessing_eval_transform(p.resolution, p.crop_pct, p.crop_mode, p.interpolation, p.mean, p.std)
+    return preprocessing_eval_transform(p.resolution, p.crop_pct, p.crop_mode, p.interpolation, p.mean, p.std, uint8)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -55,6 +55,7 @@ from torch import nn
 from . import config as C
 from ..checkpoints.reading import CheckpointError, read_checkpoint_file
 from ..files import atomic_torch_save, atomic_write_json
+from ..preprocessing.transforms import normalize_images
 from .data import (
     MixupCutmix,
     TrainSampler,
@@ -67,7 +68,19 @@ from .data import (
     finetune_train_transform,
     make_loader,
 )
-from .distributed import DistEnv, all_sum, barrier, init_distributed, shutdown
+from .distributed import (
+    DistEnv,
+    RanksDifferError,
+    all_gather_tensor,
+    all_sum,
+    barrier,
+    broadcast_object,
+    broadcast_state,
+    digest,
+    fingerprint,
+    init_distributed,
+    shutdown,
+)
 from .ema import ModelEma
 from .evaluation import amp_dtype, eval_loader, evaluate
 from .memory import plan_grad_checkpointing
@@ -156,6 +169,10 @@ class _Data:
     val_loader: Any
     val_shard: bool
     num_classes: int
+    # uint8 batches are normalised on the device by these (``preprocessing.transforms.normalize_images``);
+    # None: the loader's batches are normalised float32 already (fine-tuning with random erasing).
+    train_normalize: Optional[Callable]
+    eval_normalize: Optional[Callable]
     batch_size: int
     micro_per_epoch: int  # forward passes per epoch, a multiple of update_freq
     steps_per_epoch: int  # optimiser steps per epoch
@@ -214,12 +231,12 @@ class _LogWindow:
 # ------------------------------------------------------------------------------------------------
 def train(run: Run) -> Dict[str, Any]:
     """Pre-train (``run.mode == 'pretrain'``) or fine-tune; returns a summary dict."""
-    env = init_distributed(run.device)
+    env = init_distributed(run.device, run.cfg["dist_timeout_min"])
     out = Path(run.output_dir or "runs/" + run.mode)
     try:
         _refuse_earlier_run(run, env, out)
         s = _setup(run, env, out)
-        state = _read_resume_state(s)
+        state = _decide_resume(s)
         data = _build_data(s)
         model = _build_model(s, data, state)
         progress = _resume(s, data, model, state)
@@ -228,6 +245,7 @@ def train(run: Run) -> Dict[str, Any]:
         _wrap_model(s, data, model)
         if progress.rng is not None:
             restore_rng(progress.rng, env.device)  # last: nothing above may draw from it
+            progress.rng = None  # the last piece of the loaded checkpoint (rank 0: a view of the mapped file)
         model.fwd.train()
         model.optimizer.zero_grad(set_to_none=True)
         last_eval: Dict[str, Any] = {}
@@ -308,18 +326,24 @@ def set_backends(cfg: Dict[str, Any], env: DistEnv, logger: Logger) -> None:
                     "(tf32=true); --set tf32=false for full float32")
 
 
-def _datasets(s: _Setup) -> Tuple[Any, Any, int, Any]:
-    """(training set, validation set or None, class count (0 for pre-training), evaluation preprocessing)."""
+def _datasets(s: _Setup) -> Tuple[Any, Any, int, Optional[Callable], Callable]:
+    """(training set, validation set or None, class count (0 for pre-training), the device-side
+    normalisation of training batches (None: they come normalised) and of evaluation batches).
+    Images travel to the device as uint8 and are normalised there, a quarter of the bytes through the
+    loader's queues and pinned memory, except when fine-tuning with random erasing: its noise is drawn
+    in normalised units inside the per-sample seeded transform."""
     run, cfg = s.run, s.cfg
+    uint8 = s.mode == "pretrain" or cfg["reprob"] == 0
     train_loc = find_split(run.data_path, "train")
     if train_loc is None:
         raise TrainingInputError(f"no training data: expected {run.data_path}/train/ (ImageFolder) or {run.data_path}/train.txt")
     prep = eval_preprocessing(run.model, cfg["input_size"], cfg["crop_pct"], cfg["imagenet_default_mean_and_std"])
     if s.mode == "pretrain":
-        tf = fcmae_train_transform(cfg["input_size"], prep.mean, prep.std, cfg["train_interpolation"], cfg["train_crop_scale"] or (0.2, 1.0))
+        tf = fcmae_train_transform(cfg["input_size"], prep.mean, prep.std, cfg["train_interpolation"], cfg["train_crop_scale"] or (0.2, 1.0),
+                                   uint8=True)
     else:
         tf = finetune_train_transform(cfg["input_size"], prep.mean, prep.std, cfg["aa"], cfg["reprob"], cfg["remode"],
-                                      cfg["train_interpolation"], cfg["train_crop_scale"] or (0.08, 1.0))
+                                      cfg["train_interpolation"], cfg["train_crop_scale"] or (0.08, 1.0), uint8=uint8)
     train_ds = build_dataset(train_loc, tf)
     val_ds = None
     num_classes = 0
@@ -330,12 +354,13 @@ def _datasets(s: _Setup) -> Tuple[Any, Any, int, Any]:
         _check_classes(train_loc, train_ds)
         val_loc = find_split(run.data_path, "val")
         if val_loc is not None:
-            val_ds = build_dataset(val_loc, eval_transform(prep))
+            val_ds = build_dataset(val_loc, eval_transform(prep, uint8=True))
             if not val_loc.is_file() and not train_loc.is_file() and val_ds.classes != train_ds.classes:
                 raise TrainingInputError(f"train/ and val/ have different class folders ({len(train_ds.classes)} vs {len(val_ds.classes)})")
         else:
             s.logger.info(f"note: no {run.data_path}/val: no evaluation during training")
-    return train_ds, val_ds, num_classes, prep
+    normalize = normalize_images(prep.mean, prep.std)
+    return train_ds, val_ds, num_classes, normalize if uint8 else None, normalize
 
 
 def _check_classes(train_loc: Path, train_ds: Any) -> None:
@@ -353,7 +378,7 @@ def _check_classes(train_loc: Path, train_ds: Any) -> None:
 def _build_data(s: _Setup) -> _Data:
     """Datasets, the resumable training sampler and loader (its own seeded generator), the eval loader."""
     cfg, env = s.cfg, s.env
-    train_ds, val_ds, num_classes, prep = _datasets(s)
+    train_ds, val_ds, num_classes, train_normalize, eval_normalize = _datasets(s)
     sampler = TrainSampler(len(train_ds), env.world_size, env.rank, seed=cfg["seed"])
     _fit_batch(s, sampler.num_samples)
     bs = cfg["batch_size"]
@@ -364,8 +389,8 @@ def _build_data(s: _Setup) -> _Data:
     loader = make_loader(train_ds, bs, sampler, num_workers, cfg["pin_mem"] and env.device.type == "cuda", loader_gen,
                          drop_last=True)
     val_loader, val_shard = eval_loader(val_ds, cfg, env, num_workers) if val_ds is not None else (None, False)
-    return _Data(train_ds, sampler, loader, loader_gen, val_loader, val_shard, num_classes, bs,
-                 micro_per_epoch, micro_per_epoch // s.update_freq, prep)
+    return _Data(train_ds, sampler, loader, loader_gen, val_loader, val_shard, num_classes, train_normalize,
+                 eval_normalize, bs, micro_per_epoch, micro_per_epoch // s.update_freq)
 
 
 def _build_model(s: _Setup, data: _Data, state: Optional[Dict[str, Any]]) -> _Model:
@@ -392,6 +417,10 @@ def _build_model(s: _Setup, data: _Data, state: Optional[Dict[str, Any]]) -> _Mo
     cfg["grad_checkpointing"] = s.resolved["grad_checkpointing"] = ckpt
     if ckpt:
         (raw.encoder if s.mode == "pretrain" else raw).set_grad_checkpointing(True)
+    # Every process starts from rank 0's weights (the seeds are per process, and a --init file may
+    # differ between nodes), and the EMA is copied from them: DDP's own broadcast comes later, after
+    # the EMA copy, and would leave each process averaging a different model.
+    raw.load_state_dict(broadcast_state(raw.state_dict(), env))
     ema = ModelEma(raw, cfg["model_ema_decay"]) if (s.mode == "finetune" and cfg["model_ema"]) else None
     optimizer = build_optimizer(raw, cfg, s.mode, s.lr)
     amp = amp_dtype(cfg)
@@ -408,28 +437,70 @@ def _set_model_keys(s: _Setup, values: Dict[str, Any], where: str) -> None:
             s.cfg[k] = s.resolved[k] = values[k]
 
 
-def _read_resume_state(s: _Setup) -> Optional[Dict[str, Any]]:
-    """The training state ``--resume`` names (None without it), checked to be this trainer's and mode's."""
+def _decide_resume(s: _Setup) -> Optional[Dict[str, Any]]:
+    """The training state of ``--resume`` on every process, None when there is none to continue.
+
+    Decided once for the whole run: rank 0 looks for the file (``--resume auto``: in its own ``--output``),
+    reads and checks it, and sends every process its decision and then the state itself, so all start
+    from rank 0's weights, EMA, optimiser state and position, whether the others see the same file (a
+    shared file system), none (separate disks) or another one. When rank 0 cannot use the file, every
+    process stops with rank 0's message. Read before the model is built: the model is the checkpoint's
+    (``C.MODEL_KEYS`` of its config)."""
+    env = s.env
+    ckpt_path, state, failure = None, None, None
+    if env.is_main:
+        try:
+            ckpt_path, state = _read_resume_state(s)
+        except Exception as e:  # noqa: BLE001 (sent to the others first: they must not wait for a state that never comes)
+            failure = e
+    decision = broadcast_object(_resume_decision(ckpt_path, failure), env)
+    if failure is not None:
+        raise failure
+    if "error" in decision:
+        raise _ERRORS.get(decision["error"], RuntimeError)(decision["message"])
+    if decision["path"] is None:
+        return None
+    state = broadcast_state(state, env)
+    state["path"] = decision["path"]
+    return state
+
+
+# The errors rank 0 may meet reading --resume's file, by name: the other processes raise the same.
+_ERRORS = {"TrainingInputError": TrainingInputError, "CheckpointError": CheckpointError}
+
+
+def _resume_decision(ckpt_path: Optional[Path], failure: Optional[BaseException]) -> Dict[str, Any]:
+    if failure is None:
+        return {"path": str(ckpt_path) if ckpt_path is not None else None}
+    kind = next((name for name, cls in _ERRORS.items() if isinstance(failure, cls)), None)
+    if kind is None:  # a bug: rank 0 keeps its traceback, the others say where it happened
+        return {"error": "RuntimeError", "message": f"rank 0 failed while reading --resume's checkpoint: "
+                                                    f"{type(failure).__name__}: {failure}"}
+    return {"error": kind, "message": str(failure)}
+
+
+def _read_resume_state(s: _Setup) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
+    """(path, training state) of ``--resume`` (rank 0), or (None, None) when there is none to continue."""
     ckpt_path = find_resume(s.run)
     if ckpt_path is None:
-        return None
+        return None, None
     # The package's safe reader: weights only, nothing in the file runs, and one clear
-    # CheckpointError for an empty, truncated or code-carrying file.
+    # CheckpointError for an empty, truncated or code-carrying file. Memory-mapped: the tensors are
+    # read from disk as they are copied into the model, never all held at once.
     try:
-        state = read_checkpoint_file(ckpt_path)
+        state = read_checkpoint_file(ckpt_path, mmap=True)
     except CheckpointError as e:  # the reader's message, said to be about --resume
         raise CheckpointError(f"--resume {s.run.resume}: {e}") from e
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("mode") != s.mode:
         raise TrainingInputError(f"{ckpt_path} is not a {s.mode} training state of this trainer ({STATE_FILE}); "
                                  "to start from weights, use --init")
-    state["path"] = str(ckpt_path)
-    return state
+    return ckpt_path, state
 
 
 def _resume(s: _Setup, data: _Data, model: _Model, state: Optional[Dict[str, Any]]) -> _Progress:
-    """The training state of ``--resume`` (``_read_resume_state``) loaded into ``model`` and the
-    loader's generator; where to continue. The RNG states are returned, not restored: that happens
-    last, just before the loop."""
+    """The training state of ``--resume`` (``_decide_resume``, the same on every process) loaded into
+    the model, EMA, optimiser, scaler, loader generator and the returned progress: where to continue.
+    The RNG states are returned, not restored: that happens last, just before the loop."""
     progress = _Progress()
     if state is None:
         return progress
@@ -445,7 +516,7 @@ def _resume(s: _Setup, data: _Data, model: _Model, state: Optional[Dict[str, Any
     progress.best = dict(state.get("best", {}))
     if state["world_size"] == env.world_size and state["micro_per_epoch"] == data.micro_per_epoch:
         progress.rng = state["rng"][env.rank]
-        data.loader_gen.set_state(state["loader_generator"][env.rank])
+        data.loader_gen.set_state(state["loader_generator"][env.rank].cpu())
     else:
         logger.info("warning: world size or batch layout changed since the checkpoint; continuing with fresh RNG "
                     "streams at the next epoch boundary (not bit-exact)")
@@ -519,6 +590,8 @@ def _train_epoch(s: _Setup, data: _Data, model: _Model, progress: _Progress, epo
         if i % s.update_freq == 0:
             set_lr(model.optimizer, lr_at(epoch + i / data.micro_per_epoch, s.lr, cfg["min_lr"], cfg["warmup_epochs"], cfg["epochs"]))
         images = images.to(env.device, non_blocking=True)
+        if data.train_normalize is not None:
+            images = data.train_normalize(images)
         if cfg["channels_last"]:
             images = images.contiguous(memory_format=torch.channels_last)
         labels = labels.to(env.device, non_blocking=True)
@@ -633,6 +706,8 @@ def _end_epoch(s: _Setup, data: _Data, model: _Model, progress: _Progress, epoch
         "lr": max(g["lr"] for g in model.optimizer.param_groups), "skipped_images": int(skipped_sum),
         "time_s": time.perf_counter() - started,
     }
+    if env.distributed:
+        entry["weights_digest"] = _check_ranks_agree(s, model, progress, f"the end of epoch {epoch}")
     last_eval = _evaluate_epoch(s, data, model, progress, epoch, entry) if data.val_loader is not None else {}
     s.logger.record(entry)
     s.logger.info(
@@ -657,10 +732,12 @@ def _evaluate_epoch(s: _Setup, data: _Data, model: _Model, progress: _Progress, 
     """Top-1/top-5 of the model (and the EMA with ``model_ema_eval``) into the epoch line ``entry``;
     the best top-1 so far. Returns what ``eval.json`` gets."""
     cfg = s.cfg
-    result = {"epoch": epoch, **evaluate(model.eval_model, data.val_loader, s.env, model.amp, cfg["channels_last"], reduce=data.val_shard)}
+    result = {"epoch": epoch, **evaluate(model.eval_model, data.val_loader, s.env, model.amp, cfg["channels_last"], reduce=data.val_shard,
+                                         normalize=data.eval_normalize)}
     entry["val"] = {k: result[k] for k in ("top1", "top5", "loss")}
     if model.ema is not None and cfg["model_ema_eval"]:
-        result["ema"] = evaluate(model.ema.module, data.val_loader, s.env, model.amp, cfg["channels_last"], reduce=data.val_shard)
+        result["ema"] = evaluate(model.ema.module, data.val_loader, s.env, model.amp, cfg["channels_last"], reduce=data.val_shard,
+                                 normalize=data.eval_normalize)
         entry["val_ema"] = {k: result["ema"][k] for k in ("top1", "top5", "loss")}
     if result["top1"] >= progress.best.get("top1", -1.0):
         progress.best = {"top1": result["top1"], "epoch": epoch}
@@ -685,6 +762,29 @@ def _check_weights(s: _Setup, model: _Model, progress: _Progress, where: str) ->
     if bad:
         shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
         raise NonFiniteLossError(_nonfinite_message(f"non-finite values in {shown} at {where}", s.out, progress.ckpt_info))
+
+
+def _check_ranks_agree(s: _Setup, model: _Model, progress: _Progress, where: str) -> List[str]:
+    """Stop, on every process together, when the processes' weights or EMA differ (a process started
+    from another state or with other settings, or drifted): evaluation would mix different models and
+    only rank 0's would be saved. Returns each rank's digest of its weights and EMA, for the log."""
+    parts = [("model", fingerprint(model.raw.state_dict().values()))]
+    if model.ema is not None:
+        parts.append(("EMA", fingerprint(model.ema.state_dict().values())))
+    gathered = all_gather_tensor(torch.cat([fp for _, fp in parts]), s.env)
+    sizes = [fp.shape[0] for _, fp in parts]
+    differ: Dict[str, List[int]] = {}
+    for rank, g in enumerate(gathered):
+        for (name, _), mine, rank0 in zip(parts, g.split(sizes), gathered[0].split(sizes)):
+            if not torch.equal(mine, rank0):
+                differ.setdefault(name, []).append(rank)
+    if differ:
+        what = ", ".join(f"the {name} of rank(s) {', '.join(map(str, ranks))}" for name, ranks in differ.items())
+        raise RanksDifferError(
+            f"the processes hold different weights at {where}: {what} differ from rank 0's. Every process must "
+            "run with the same flags and --set values; stopping. Nothing was saved after this point; "
+            f"{_last_good(s.out, progress.ckpt_info)}")
+    return [digest(g) for g in gathered]
 
 
 def _check_eval(s: _Setup, progress: _Progress, epoch: int, last_eval: Dict[str, Any]) -> None:

@@ -3,13 +3,14 @@ released or own weights on a validation set."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..files import atomic_write_json
+from ..preprocessing.transforms import normalize_images
 from . import config as C
 from .data import (
     EvalPreprocessing,
@@ -27,15 +28,19 @@ from .run import Run, TrainingInputError
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, env: DistEnv, amp: Optional[torch.dtype], channels_last: bool = False,
-             reduce: bool = True, label_map: Optional[torch.Tensor] = None) -> Dict[str, Any]:
+             reduce: bool = True, label_map: Optional[torch.Tensor] = None,
+             normalize: Optional[Callable] = None) -> Dict[str, Any]:
     """Top-1/top-5 (percent), mean CE loss and image count; exact over processes (shards, no padding).
-    ``label_map``: the model's class index for each of the data set's labels (``class_mapping``)."""
+    ``label_map``: the model's class index for each of the data set's labels (``class_mapping``);
+    ``normalize``: applied on the device to the loader's (uint8) batches."""
     was_training = model.training
     model.eval()
     c1 = c5 = n = loss_sum = skipped = 0.0
     num_classes = None
     for images, labels, skip in loader:
         images = images.to(env.device, non_blocking=True)
+        if normalize is not None:
+            images = normalize(images)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         labels = labels.to(env.device, non_blocking=True)
@@ -91,7 +96,7 @@ def run_eval(run: Run) -> Dict[str, Any]:
     """The ``eval`` command: top-1/top-5 of released (``--pretrained``) or own (``--init``) weights. A file of
     ours brings its head, label names and preprocessing; the folder's classes are matched to the model's
     labels (``class_mapping``), or the run is refused when they cannot be."""
-    env = init_distributed(run.device)
+    env = init_distributed(run.device, run.cfg["dist_timeout_min"])
     cfg = C.device_defaults(run.cfg, env.device.type)
     try:
         loc = find_split(run.data_path, "val", fallback_to_root=True)
@@ -106,7 +111,7 @@ def run_eval(run: Run) -> Dict[str, Any]:
             prep = described_preprocessing(run.init, cfg) if not run.pretrained else None
             prep = prep or eval_preprocessing(run.model, cfg["input_size"], cfg["crop_pct"],
                                               cfg["imagenet_default_mean_and_std"])
-        ds = build_dataset(loc, eval_transform(prep))
+        ds = build_dataset(loc, eval_transform(prep, uint8=True))
         model = hub_model if hub_model is not None else _eval_model(run, cfg)
         index, how = class_mapping(ds.classes, model, loc)
         model.to(env.device)
@@ -115,7 +120,8 @@ def run_eval(run: Run) -> Dict[str, Any]:
         nw = cfg["num_workers"] if cfg["num_workers"] is not None else default_num_workers()
         loader, shard = eval_loader(ds, cfg, env, nw)
         label_map = torch.tensor(index, device=env.device) if index is not None else None
-        res = evaluate(model, loader, env, amp_dtype(cfg), cfg["channels_last"], reduce=shard, label_map=label_map)
+        res = evaluate(model, loader, env, amp_dtype(cfg), cfg["channels_last"], reduce=shard, label_map=label_map,
+                       normalize=normalize_images(prep.mean, prep.std))
         res.update(
             model=run.model,
             weights=run.init or getattr(getattr(model, "checkpoint", None), "name", run.model),

@@ -29,10 +29,11 @@ def capture_rng(device: torch.device) -> Dict[str, Any]:
 
 
 def restore_rng(state: Dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
+    """Set the RNGs to ``state``; its tensors may be on any device (a state sent over NCCL arrives on the GPU)."""
+    torch.set_rng_state(state["torch"].cpu())
     n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state((n["name"], n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     p = state["python"]
     random.setstate((p["version"], tuple(int(x) for x in p["state"].tolist()), p["gauss_next"]))
     if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)

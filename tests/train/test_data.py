@@ -91,3 +91,22 @@ def test_data_set_reads_photos_and_skips_a_truncated_one(tmp_path):
         x, label, skipped = ds[(1, 7)]
     assert label == 2 and skipped == 1  # the next readable sample, the greyscale photo as RGB
     assert torch.equal(x, ds[(2, 7)][0])
+
+
+def test_uint8_batches_normalised_as_a_batch_equal_the_normalised_pipelines(photos):
+    # The loader sends uint8 images, the trainer normalises the whole batch on the device: the same
+    # numbers as normalising each image in the worker, for every pipeline that can send uint8.
+    from convnextv2_hub.preprocessing.transforms import eval_transform, normalize_images
+
+    normalize = normalize_images(MEAN, STD)
+    pairs = [
+        (fcmae_train_transform(64, MEAN, STD, uint8=True), fcmae_train_transform(64, MEAN, STD)),
+        (finetune_train_transform(64, MEAN, STD, reprob=0.0, uint8=True), finetune_train_transform(64, MEAN, STD, reprob=0.0)),
+        (eval_transform(64, uint8=True), eval_transform(64)),
+    ]
+    for as_uint8, as_float in pairs:
+        batch = torch.stack([seeded_call(as_uint8, img, 5) for img in photos])
+        assert batch.dtype == torch.uint8
+        assert torch.equal(normalize(batch), torch.stack([seeded_call(as_float, img, 5) for img in photos]))
+    with pytest.raises(ValueError, match="uint8 output needs reprob=0: random erasing"):
+        finetune_train_transform(64, MEAN, STD, uint8=True)
