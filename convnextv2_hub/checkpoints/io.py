@@ -403,7 +403,7 @@ def _save_ours(model: torch.nn.Module, path: Path, metadata: Optional[Dict[str, 
         if k == "format" and v != meta["format"]:
             raise ValueError("metadata key 'format' is reserved: it marks files written by convnextv2_hub")
         if k in DESCRIPTION_KEYS and v != meta.get(k):
-            raise ValueError(f"metadata key {k!r} is reserved: it is written from the model (set model.label_names "
+            raise ValueError(f"metadata key {k!r} is reserved: it is written from the model (set model.label_names, model.base_checkpoint "
                              "or model.checkpoint instead)")
         meta[k] = v
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}

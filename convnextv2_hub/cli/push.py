@@ -112,7 +112,14 @@ def _started_from(run: Dict[str, Any]) -> Tuple[Optional[bool], str, Optional[st
     """(from released weights: True / False / None unknown, in words, the released checkpoint's name) of a run."""
     from ..checkpoints.registry import get_checkpoint
 
-    init = run.get("init") or run.get("finetune")
+    start = run.get("start")  # what the trainer resolved: {"kind": "checkpoint" | "file" | "random", "source": ...}
+    if isinstance(start, dict) and start.get("kind") == "random":
+        return False, "random weights (--init none)", None
+    if isinstance(start, dict) and start.get("kind") == "checkpoint":
+        name = get_checkpoint(str(start["source"])).name
+        return True, f"the released weights `{name}`", name
+    init = (start or {}).get("source") if isinstance(start, dict) else None
+    init = init or run.get("init") or run.get("finetune")
     if run.get("pretrained"):
         name = get_checkpoint(run["model"]).name
         return True, f"the released weights `{name}`", name

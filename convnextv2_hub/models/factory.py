@@ -112,6 +112,10 @@ def create(
     elif pretrained:
         _load_pretrained(model, ckpt, progress=progress, force=force_download)
         model.weights_file = None  # the manifest entry names these weights, not the cache file they came from
+    else:
+        # Untrained: the entry gives the preprocessing, but no released weights are in it (a file of
+        # ours saved from it must not claim to descend from them, nor carry their licence).
+        model.base_checkpoint = None
     return model
 
 

@@ -326,9 +326,9 @@ def set_backends(cfg: Dict[str, Any], env: DistEnv, logger: Logger) -> None:
                     "(tf32=true); --set tf32=false for full float32")
 
 
-def _datasets(s: _Setup) -> Tuple[Any, Any, int, Optional[Callable], Callable]:
-    """(training set, validation set or None, class count (0 for pre-training), the device-side
-    normalisation of training batches (None: they come normalised) and of evaluation batches).
+def _datasets(s: _Setup) -> Tuple[Any, Any, int, Any, Optional[Callable], Callable]:
+    """(training set, validation set or None, class count (0 for pre-training), evaluation preprocessing,
+    the device-side normalisation of training batches (None: they come normalised) and of evaluation batches).
     Images travel to the device as uint8 and are normalised there, a quarter of the bytes through the
     loader's queues and pinned memory, except when fine-tuning with random erasing: its noise is drawn
     in normalised units inside the per-sample seeded transform."""
@@ -360,7 +360,7 @@ def _datasets(s: _Setup) -> Tuple[Any, Any, int, Optional[Callable], Callable]:
         else:
             s.logger.info(f"note: no {run.data_path}/val: no evaluation during training")
     normalize = normalize_images(prep.mean, prep.std)
-    return train_ds, val_ds, num_classes, normalize if uint8 else None, normalize
+    return train_ds, val_ds, num_classes, prep, normalize if uint8 else None, normalize
 
 
 def _check_classes(train_loc: Path, train_ds: Any) -> None:
@@ -378,7 +378,7 @@ def _check_classes(train_loc: Path, train_ds: Any) -> None:
 def _build_data(s: _Setup) -> _Data:
     """Datasets, the resumable training sampler and loader (its own seeded generator), the eval loader."""
     cfg, env = s.cfg, s.env
-    train_ds, val_ds, num_classes, train_normalize, eval_normalize = _datasets(s)
+    train_ds, val_ds, num_classes, prep, train_normalize, eval_normalize = _datasets(s)
     sampler = TrainSampler(len(train_ds), env.world_size, env.rank, seed=cfg["seed"])
     _fit_batch(s, sampler.num_samples)
     bs = cfg["batch_size"]
@@ -390,7 +390,7 @@ def _build_data(s: _Setup) -> _Data:
                          drop_last=True)
     val_loader, val_shard = eval_loader(val_ds, cfg, env, num_workers) if val_ds is not None else (None, False)
     return _Data(train_ds, sampler, loader, loader_gen, val_loader, val_shard, num_classes, train_normalize,
-                 eval_normalize, bs, micro_per_epoch, micro_per_epoch // s.update_freq)
+                 eval_normalize, bs, micro_per_epoch, micro_per_epoch // s.update_freq, prep)
 
 
 def _build_model(s: _Setup, data: _Data, state: Optional[Dict[str, Any]]) -> _Model:

@@ -37,7 +37,7 @@ def test_metadata_keeps_existing_keys_and_adds_the_description(named_file):
     _, path = named_file
     meta = read_metadata(path)
     assert meta["format"] == "convnextv2_hub" and meta["variant"] == "atto" and meta["num_classes"] == "10"
-    assert meta["tag"] == "fcmae_ft_in1k" and meta["base_checkpoint"] == "atto.fcmae_ft_in1k"
+    assert meta["tag"] == "fcmae_ft_in1k" and "base_checkpoint" not in meta  # built, not loaded: no released weights
     assert json.loads(meta["label_names"]) == NAMES
     ck = get_checkpoint("atto")
     assert json.loads(meta["preprocessing"]) == {
@@ -91,7 +91,8 @@ def test_preprocessing_survives_a_round_trip(tmp_path):
     loaded = cvh.create("nano", checkpoint_path=path)  # the variant's default entry is 224 centre-crop
     ck = loaded.checkpoint
     assert (ck.resolution, ck.crop_pct, ck.crop_mode, ck.interpolation) == (384, 1.0, "squash", entry.interpolation)
-    assert ck.name == entry.name and ck.num_classes == 3 and loaded.label_names == ["a", "b", "c"]
+    assert ck.num_classes == 3 and loaded.label_names == ["a", "b", "c"]
+    assert loaded.base_checkpoint is None  # built untrained: the file claims no released weights
     from PIL import Image
 
     assert loaded.checkpoint.transforms()(Image.open(sample_image_path())).shape == (3, 384, 384)
@@ -146,7 +147,10 @@ def test_description_keys_are_reserved_for_the_model(named_file, tmp_path):
     model, _ = named_file
     with pytest.raises(ValueError, match="'label_names' is reserved"):
         save_checkpoint(model, tmp_path / "x.safetensors", metadata={"label_names": '["a"]'})
-    save_checkpoint(model, tmp_path / "y.safetensors", metadata={"base_checkpoint": "atto.fcmae_ft_in1k"})
+    with pytest.raises(ValueError, match="'base_checkpoint' is reserved"):  # built untrained: it has none
+        save_checkpoint(model, tmp_path / "y.safetensors", metadata={"base_checkpoint": "atto.fcmae_ft_in1k"})
+    model.base_checkpoint = "atto.fcmae_ft_in1k"
+    save_checkpoint(model, tmp_path / "y.safetensors", metadata={"base_checkpoint": "atto.fcmae_ft_in1k"})  # agrees
 
 
 def test_load_classifier_takes_the_described_head(named_file):

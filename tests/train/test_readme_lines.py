@@ -37,9 +37,13 @@ TRAIN_BUDGET = ["--set", "epochs=1", "--set", "tensorboard=false"]
 
 
 def readme_train_lines():
-    """The ``convnextv2-train`` command lines in README.md's code blocks, comments removed."""
+    """The ``convnextv2-train`` command lines in the code blocks of README.md's training section, comments
+    removed. (The ablation and ``reproduce`` sections' lines are run by test_train_ablations.py and
+    test_reproduce.py, the ``hf-hub:`` eval of the usage section by test_whole_loop.py.)"""
     text = README.read_text(encoding="utf-8")
-    blocks = re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S)
+    section = re.search(r"^## Training: `convnextv2-train`\n(.*?)(?=^## )", text, flags=re.S | re.M)
+    assert section is not None, "README.md has no '## Training: `convnextv2-train`' section"
+    blocks = re.findall(r"```[a-z]*\n(.*?)```", section.group(1), flags=re.S)
     lines = [line.split(" #")[0].strip() for block in blocks for line in block.splitlines()]
     return [shlex.split(line)[1:] for line in lines if line.startswith("convnextv2-train ")]
 

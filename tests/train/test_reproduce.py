@@ -90,7 +90,7 @@ def test_switches_go_to_the_stage_the_paper_changes(capsys, tmp_path):
     assert "encoder_masking=dense" in pt and "encoder_masking=dense" not in ft
     (sup,) = s3[(0, "sup-100")]
     (sup300,) = s3[(0, "sup-300")]
-    assert "--init" not in sup and "epochs=15" in sup300 and "epochs=15" not in sup  # 3x the 5-epoch mini budget
+    assert sup[sup.index("--init") + 1] == "none" and "epochs=15" in sup300 and "epochs=15" not in sup  # 3x the 5-epoch mini budget
     f8 = commands(dry_run(capsys, "fig8-mask-ratio", "--data", "d", "--output", str(tmp_path)))
     assert [sets(f8[(0, f"ratio-0.{i}")][0])["mask_ratio"] for i in range(1, 10)] == [f"0.{i}" for i in range(1, 10)]
     assert all("mask_ratio" not in sets(f8[key][1]) and sets(f8[key][1])["input_size"] == "96" for key in f8)
