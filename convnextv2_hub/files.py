@@ -99,7 +99,7 @@ def _is_stale(tmp: Path, rest: str, now: float) -> bool:
 
 
 def remove_stale_temp_files(path: PathLike) -> List[Tuple[Path, int]]:
-    """Remove the temporary files of ``path`` (our naming only) left by dead writers, with a warning
+    """Remove the temporary files and folders of ``path`` (our naming only) left by dead writers, with a warning
     naming each and its size; returns ``[(file, size in bytes), ...]`` of those removed."""
     path = Path(path)
     prefix = f".{path.name}."
@@ -113,8 +113,14 @@ def remove_stale_temp_files(path: PathLike) -> List[Tuple[Path, int]]:
         if not _is_stale(p, p.name[len(prefix):], now):
             continue
         try:
-            size = p.stat().st_size
-            p.unlink()
+            if p.is_dir() and not p.is_symlink():  # a killed atomic_folder writer's folder
+                import shutil
+
+                size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+                shutil.rmtree(p)
+            else:
+                size = p.stat().st_size
+                p.unlink()
         except OSError:
             continue  # gone already (another writer cleaned it) or not ours to remove
         removed.append((p, size))
@@ -184,6 +190,7 @@ def atomic_folder(path: PathLike) -> Iterator[Path]:
     import shutil
 
     path = Path(path)
+    remove_stale_temp_files(path)
     tmp = temp_path(path)
     tmp.mkdir()
     old: Optional[Path] = None

@@ -15,7 +15,7 @@ import pytest
 from conftest import FullAfter
 import torch
 
-from convnextv2_hub.files import DiskFullError, atomic_path, atomic_torch_save, atomic_write, atomic_write_json, temp_path
+from convnextv2_hub.files import DiskFullError, atomic_folder, atomic_path, atomic_torch_save, atomic_write, atomic_write_json, temp_path
 
 
 def test_write_replaces_and_leaves_no_temporary_file(tmp_path):
@@ -67,6 +67,21 @@ def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
     with pytest.warns(UserWarning, match=r"removed 1 temporary file\(s\) .* of model\.onnx: \.model\.onnx\..*\(250\.0 KB\)"):
         atomic_write(target, lambda f: f.write(b"new"))
     assert target.read_bytes() == b"new" and _temps(tmp_path) == []
+
+
+def test_a_killed_folder_writers_temporary_folder_is_removed_by_the_next_write(tmp_path):
+    target = tmp_path / "hf-model"
+    code = ("import os, signal, sys\nfrom convnextv2_hub.files import atomic_folder\n"
+            "with atomic_folder(sys.argv[1]) as tmp:\n    (tmp / 'sub').mkdir()\n"
+            "    (tmp / 'sub' / 'model.safetensors').write_bytes(b'x' * 100_000)\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, timeout=120)
+    assert r.returncode == -signal.SIGKILL
+    assert len(_temps(tmp_path)) == 1 and not target.exists()
+    with pytest.warns(UserWarning, match=r"removed 1 temporary file\(s\) .* of hf-model: \.hf-model\..*\(100\.0 KB\)"):
+        with atomic_folder(target) as tmp:
+            (tmp / "config.json").write_text("{}")
+    assert (target / "config.json").read_text() == "{}" and _temps(tmp_path) == []
 
 
 def test_live_writers_and_other_files_are_kept(tmp_path):
