@@ -133,7 +133,10 @@ def load_trained_model(folder: PathLike) -> nn.Module:
     folder = Path(folder)
     meta = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     info = meta["run"]
-    run = Run(mode=info["mode"], model=info["model"], data_path=info["data_path"], output_dir=str(folder), cfg=meta["config"])
+    # Started "at random": the weights are the run's own, loaded below (its recorded start, e.g. a released
+    # checkpoint, need not be fetched again, nor fit the run's architecture switches).
+    run = Run(mode=info["mode"], model=info["model"], data_path=info["data_path"], output_dir=str(folder), cfg=meta["config"],
+              start=Start("random", None))
     weights = folder / "checkpoint-last.safetensors"
     if run.mode == "pretrain":
         from safetensors.torch import load_file

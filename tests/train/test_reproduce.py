@@ -183,9 +183,14 @@ def test_a_stage_killed_after_training_is_completed_without_training_again(tmp_p
 def test_fig4_rows_are_analysed_and_plotted(tmp_path):
     data = write_digits(tmp_path / "digits", [0, 1, 2], 4, 2)
     out = tmp_path / "f4"
-    opts = Options("fig4-collapse", str(data), out, seeds=1, rows=["v1-fcmae"], sets=[s for s in TINY if s != "--set"])
+    # v1-sup: a supervised run is re-read for the analysis without its (random) start being fetched or
+    # checked against its switches.
+    opts = Options("fig4-collapse", str(data), out, seeds=1, rows=["v1-fcmae", "v1-sup"],
+                   sets=[s for s in TINY if s != "--set"])
     assert reproduce(opts, train_command, say=lambda s: None) == 0
     results = json.loads((out / "results.json").read_text())
+    sup = next(r for r in results["rows"] if r["id"] == "v1-sup")
+    assert sup["runs"]["0"]["status"] == "done" and len(sup["runs"]["0"]["curve"]["distance"]) == 12
     row = results["rows"][0]
     run = row["runs"]["0"]
     assert row["id"] == "v1-fcmae" and run["status"] == "done" and len(run["curve"]["distance"]) == 12  # atto: 2+2+6+2 blocks
