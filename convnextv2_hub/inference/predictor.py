@@ -308,6 +308,8 @@ class Predictor:
     ``warmup()`` builds the compiled graph (or ONNX session) for a batch size ahead of time, so a
     service's first requests do not wait for it. ``progress`` (e.g. ``print``) receives a line when a
     slow start begins and ends (without it, the lines go to the ``convnextv2_hub`` logger at INFO).
+    ``autotune=False`` compiles in about half the time, with oneDNN's GEMMs where inductor's own might have
+    been faster (``CompiledConvNeXtV2``).
 
     bf16 logits keep cosine similarity >= 0.999 with fp32 (tested); int8 is export-only (opt-in).
     """
@@ -325,6 +327,7 @@ class Predictor:
         num_classes: Optional[int] = None,
         transform: Optional[Callable] = None,
         background: bool = True,
+        autotune: bool = True,
         progress: Optional[Callable[[str], Any]] = None,
     ) -> None:
         if backend not in BACKENDS:
@@ -386,6 +389,7 @@ class Predictor:
         # auto's bookkeeping per (batch size, pre_logits): fp32 time, seconds saved, switched or not
         self._stats: Dict[Tuple[int, bool], Dict[str, float]] = {}
         self.background = background
+        self.autotune = autotune
         self._progress = progress
         # auto's slow starts in flight or done, per (batch size, pre_logits): the thread and its error, if any
         self._preparing: Dict[Tuple[int, bool], Tuple[threading.Thread, List[BaseException]]] = {}
@@ -546,7 +550,8 @@ class Predictor:
                 if pre_logits not in self._compiled:
                     from .compile_backend import CompiledConvNeXtV2
 
-                    self._compiled[pre_logits] = CompiledConvNeXtV2(self._model, pre_logits=pre_logits)
+                    self._compiled[pre_logits] = CompiledConvNeXtV2(self._model, pre_logits=pre_logits,
+                                                                    autotune=self.autotune)
                 with torch.inference_mode(), self._autocast():
                     self._compiled[pre_logits](self._prepare_input(example, self.channels_last))
                 self._compiled_shapes.add((tuple(example.shape), pre_logits))
