@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -32,6 +31,7 @@ from typing import Callable, Dict, List
 import numpy as np
 import torch
 from PIL import Image
+from inference import cpu_name  # benchmarks/inference.py
 
 
 def sample_photos() -> List[np.ndarray]:
@@ -107,17 +107,6 @@ def run_ours(model: torch.nn.Module, backend: str, paths: List[str], out: str, b
     elapsed = time.perf_counter() - start
     run_ours.last_path = predictor.active_path  # type: ignore[attr-defined]
     return elapsed
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def top1(path: str) -> List[str]:
