@@ -267,6 +267,15 @@ def _fast_precision(device: torch.device) -> str:
     return "fp32"
 
 
+def _check_options(backend: str, precision: Optional[str], batch_size: int) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
 class Predictor:
     """Fast inference for one ConvNeXtV2: ``p(batch) -> logits`` and ``p.predict(files, topk)``.
 
@@ -330,12 +339,7 @@ class Predictor:
         autotune: bool = True,
         progress: Optional[Callable[[str], Any]] = None,
     ) -> None:
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
-        if precision is not None and precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        _check_options(backend, precision, batch_size)
         if isinstance(model_or_name, str):
             model = load_classifier(model_or_name, checkpoint_path=checkpoint_path, num_classes=num_classes)
             if device is None:
