@@ -227,7 +227,7 @@ class ConvNeXtV2(nn.Module):
         layout: Optional[SparseLayout] = None
         for i, (down, stage) in enumerate(zip(self.downsample_layers, self.stages)):
             scale = 1 << (3 - i)
-            new_layout = SparseLayout(visible.repeat_interleave(scale, 1).repeat_interleave(scale, 2))
+            new_layout = SparseLayout(upsample_mask(visible, scale))
             if i == 0:
                 conv, norm = down[0], down[1]
                 y = conv(x)  # stem on the full image, as the authors' sparse encoder does
@@ -298,12 +298,16 @@ class ConvNeXtV2(nn.Module):
                           token=token, commit_message=commit_message)
 
 
+def upsample_mask(mask: torch.Tensor, scale: int) -> torch.Tensor:
+    """(N, h, w) mask -> (N, h*scale, w*scale): each cell repeated over its scale x scale block."""
+    if scale == 1:
+        return mask
+    return mask.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+
+
 def _stage_keep(mask: torch.Tensor, scale: int, dtype: torch.dtype) -> torch.Tensor:
     """(N, h, w) mask with 1 = masked -> (N, 1, h*scale, w*scale) multiplier with 1 = visible."""
-    keep = 1.0 - mask.to(dtype)
-    if scale > 1:
-        keep = keep.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
-    return keep.unsqueeze(1)
+    return upsample_mask(1.0 - mask.to(dtype), scale).unsqueeze(1)
 
 
 def init_weights(m: nn.Module) -> None:
@@ -326,5 +330,5 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["Block", "ConvNeXtV2", "convnextv2", "count_params", "init_weights"]
+__all__ = ["Block", "ConvNeXtV2", "convnextv2", "count_params", "init_weights", "upsample_mask"]
 

@@ -72,7 +72,7 @@ from ..checkpoints.formats import split_fcmae_sparse
 from ..checkpoints.io import arch_metadata, read_arch, stage_layout
 from ..checkpoints.reading import is_safetensors, read_checkpoint_file, read_metadata, read_state_dict
 from ..files import PathLike, atomic_path
-from .convnextv2 import ConvNeXtV2, convnextv2, init_weights
+from .convnextv2 import ConvNeXtV2, convnextv2, init_weights, upsample_mask
 from .decoders import UNET_STRIDE, build_decoder, check_decoder, decoder_from_keys
 from .layers import at_least_float32
 from .variants import variant_of
@@ -107,11 +107,6 @@ def gen_random_mask(
     ids_restore = torch.argsort(torch.argsort(noise, dim=1), dim=1)  # rank of each cell's noise
     # A cell is kept when its noise ranks among the len_keep smallest: the authors' shuffle/unshuffle.
     return (ids_restore >= len_keep).float()
-
-
-def upsample_mask(mask: torch.Tensor, scale: int) -> torch.Tensor:
-    """(N, h, w) mask -> (N, h*scale, w*scale): each cell repeated over its scale x scale block."""
-    return mask.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
 
 
 def patchify(imgs: torch.Tensor, p: int = 32) -> torch.Tensor:
