@@ -21,6 +21,15 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 SERVER_LIFETIME_S = 60.0  # every server stops by itself after this, even if a test forgets to
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compiled_store_of_the_session(tmp_path_factory):
+    """Compiled graphs the tests build go to a store of this session, not the user's cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CONVNEXTV2_HUB_COMPILED_DIR", str(tmp_path_factory.mktemp("compiled")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Run a module's small-tensor tests on one intra-op thread, restored afterwards.

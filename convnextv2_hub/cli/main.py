@@ -1,5 +1,5 @@
 """The ``convnextv2`` command: list / info / predict / embed, and the subcommands of ``cli.analyze``,
-``cli.fcmae_show``, ``cli.convert`` and ``cli.push``.
+``cli.fcmae_show``, ``cli.convert``, ``cli.push`` and ``cli.compile``.
 
 Every subcommand imports what it runs when it runs, so ``convnextv2 --help`` answers without loading torch.
 """
@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, List, Optional
 
 from ..preprocessing.images import SAMPLE_IMAGE, sample_image_path  # noqa: F401  (the photo predict classifies by default)
 from .analyze import add_analyze_parser
+from .compile import add_compile_parser
 from .arguments import add_backend_arguments, add_file_job_arguments, add_weights_arguments, model_for_weights
 from .convert import add_convert_parser
 from .fcmae_show import add_fcmae_show_parser
@@ -179,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_fcmae_show_parser(sub)
     add_convert_parser(sub)
     add_push_parser(sub)
+    add_compile_parser(sub)
     return parser
 
 

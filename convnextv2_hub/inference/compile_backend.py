@@ -1,4 +1,7 @@
-"""torch.compile inference for a ConvNeXtV2: frozen weights, static shapes, cache-sized micro-batches.
+"""Compiled inference for a ConvNeXtV2 (inductor): frozen weights, static shapes, cache-sized micro-batches.
+
+On CPUs each segment is an AOTInductor package that ``compiled_store`` keeps for later processes; on
+GPUs (and with ``in_process=True``) it is ``torch.compile`` in this process.
 
 On a CPU the early stages do not fit the caches at batch size 16: stage 1 of Tiny at 224² holds a
 50176 x 384 hidden tensor (38 MB in bf16) between its two Linears, and then oneDNN's GEMM and the
@@ -20,14 +23,14 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch._inductor.config as inductor_config
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpp_kernel
+from . import compiled_store, cpp_kernel
 from ..models.layers import GRN, at_least_float32, stored_once_when_compiled
 from ..models.convnextv2 import Block, ConvNeXtV2
 
@@ -35,7 +38,7 @@ from ..models.convnextv2 import Block, ConvNeXtV2
 # micro-batch sizes tried at stages 1 and 2.
 ROWS_PER_CHUNK = 3136
 # Compiled graphs allowed per segment (one per input shape and precision); without isolate_recompiles,
-# for _Segment.forward across all predictors of a process. Four times as many across all segments.
+# for Segment.forward across all predictors of a process. Four times as many across all segments.
 RECOMPILE_LIMIT = 256
 # torch >= 2.14: each torch.compile call can keep its graphs apart from other calls' (isolate_recompiles).
 _CAN_ISOLATE = "isolate_recompiles" in inspect.signature(torch.compile).parameters
@@ -158,7 +161,7 @@ def cpu_block_forward(block: Block, x: torch.Tensor, dwconv_ln_kernel: bool) -> 
     return shortcut + x.permute(0, 3, 1, 2)
 
 
-class _Segment(nn.Module):
+class Segment(nn.Module):
     """Stages ``first``..``last`` of a ConvNeXtV2 (each: downsampling layer + blocks), plus the head
     when ``last`` is the final stage (up to its LayerNorm only with ``pre_logits``). Shares the model's
     parameters. ``cpu_forms``: run the ops in the forms of the module docstring instead of the model's
@@ -181,6 +184,22 @@ class _Segment(nn.Module):
             for block in self.model.stages[i]:
                 x = cpu_block_forward(block, x, self.dwconv_ln_kernel) if self.cpu_forms else block(x)
         return self.model.forward_head(x, pre_logits=self.pre_logits) if self.last == 3 else x
+
+
+def inductor_options(on_cpu: bool, autotune: bool) -> Dict[str, Any]:
+    """Inductor's options for the compiled path, in process and in AOTInductor's packages alike.
+
+    freezing: weights folded as constants, prepacked for oneDNN. On CPUs, max_autotune times
+    inductor's own (AMX) GEMM kernels, which fuse GRN's scaling and the residual add, against oneDNN's,
+    per GEMM shape, and keeps the faster; ffp-contract=fast lets the C++ compiler turn poly_gelu's
+    multiply-adds into FMAs.
+    """
+    options: Dict[str, Any] = {"freezing": True, "autotune_num_choices_displayed": 0,
+                               "max_autotune_report_choices_stats": False}
+    if on_cpu:
+        options.update({"max_autotune": autotune, "max_autotune_gemm_backends": "CPP,ATEN",
+                        "cpp.enable_floating_point_contract_flag": "fast"})
+    return options
 
 
 def before_compiling_in_another_thread() -> None:
@@ -210,17 +229,30 @@ class CompiledConvNeXtV2:
 
     ``autotune=False`` skips timing inductor's GEMM kernels against oneDNN's on CPUs: compiling takes
     about half as long, and each GEMM runs oneDNN's kernel, which may be the slower one.
+
+    On CPUs the segments are AOTInductor packages from the store of ``inference.compiled_store``:
+    loaded when a process (this one or an earlier one) has compiled them for the same weights, input
+    shape, precision and machine, else compiled in a child process and stored. ``progress`` receives
+    the child's lines (default: the ``convnextv2_hub`` logger). ``in_process=True``, and every
+    non-CPU device, run ``torch.compile`` in this process instead, kept in memory only.
     """
 
     def __init__(self, model: ConvNeXtV2, rows: int = ROWS_PER_CHUNK, autotune: bool = True,
-                 pre_logits: bool = False) -> None:
+                 pre_logits: bool = False, in_process: bool = False,
+                 progress: Optional[Callable[[str], Any]] = None) -> None:
         if model.features_only or model.training:
             raise ValueError("CompiledConvNeXtV2 needs an eval-mode model with a classifier head")
         self.model = model
         self.rows = rows
         self.autotune = autotune
         self.pre_logits = pre_logits
+        self.in_process = in_process
+        self.progress = progress or logging.getLogger("convnextv2_hub").info
         self._segments: Dict[Tuple[int, int], nn.Module] = {}
+        # Stored runners per (shape, stride, dtype, autocast dtype) of the input; how each was obtained.
+        self._stored: Dict[Tuple[Any, ...], List[Callable[[torch.Tensor], torch.Tensor]]] = {}
+        self.store_events: List[str] = []
+        self._weights: Optional[str] = None
 
     def plan(self, x: torch.Tensor) -> List[Tuple[int, int, int]]:
         """``(first stage, last stage, micro-batch)`` for each segment that ``x`` runs through."""
@@ -238,7 +270,7 @@ class CompiledConvNeXtV2:
         key = (first, last)
         if key not in self._segments:
             # dynamic=False: static shapes give inductor its best kernels; a new shape recompiles.
-            segment = _Segment(self.model, first, last, cpu_forms=on_cpu, pre_logits=self.pre_logits)
+            segment = Segment(self.model, first, last, cpu_forms=on_cpu, pre_logits=self.pre_logits)
             lean_guards = {}
             if _CAN_ISOLATE:
                 # Guards only on the input's metadata and the global state (grad mode, autocast).
@@ -251,20 +283,41 @@ class CompiledConvNeXtV2:
             self._segments[key] = torch.compile(segment, dynamic=False, **lean_guards)
         return self._segments[key]
 
+    def _store_key(self, x: torch.Tensor) -> Dict[str, Any]:
+        """The store key of ``x``'s graphs; ``compile_worker`` rebuilds the segments from these fields."""
+        if self._weights is None:
+            self._weights = compiled_store.weights_sha256(self.model)
+        autocast = str(torch.get_autocast_dtype("cpu")).split(".")[-1] if torch.is_autocast_enabled("cpu") else None
+        return compiled_store.entry_key(self.model, self._weights, x, plan=[list(p) for p in self.plan(x)],
+                                        autocast=autocast, pre_logits=self.pre_logits, autotune=self.autotune,
+                                        native_kernel=cpp_kernel.load())
+
+    def is_stored(self, x: torch.Tensor) -> bool:
+        """Whether the store holds compiled graphs for inputs like ``x`` (under the current autocast)."""
+        return (compiled_store.entry_dir(self._store_key(x)) / compiled_store.MANIFEST).exists()
+
+    def _run_stored(self, x: torch.Tensor) -> torch.Tensor:
+        autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        signature = (tuple(x.shape), x.stride(), x.dtype, autocast)
+        if signature not in self._stored:
+            runners, event = compiled_store.load_or_build(self.model, self._store_key(x), say=self.progress)
+            self._stored[signature] = runners
+            self.store_events.append(event)
+        for (_, _, size), run in zip(self.plan(x), self._stored[signature]):
+            out = run(x) if size == x.shape[0] else torch.cat([run(chunk) for chunk in x.split(size)])
+            x = compiled_store.between_segments(out)
+        return x
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # Read when a graph compiles. freezing: weights folded as constants, prepacked for oneDNN.
-        # On CPUs, cpp_wrapper saves the Python call overhead of ~150 kernels per forward, and
-        # max_autotune times inductor's own (AMX) GEMM kernels, which fuse GRN's scaling and the
-        # residual add, against oneDNN's, per GEMM shape, and keeps the faster.
-        # ffp-contract=fast lets the C++ compiler turn poly_gelu's multiply-adds into FMAs.
+        if x.device.type == "cpu" and not self.in_process:
+            return self._run_stored(x)
         on_cpu = x.device.type == "cpu"
-        cpu_only = {"cpp.enable_floating_point_contract_flag": "fast"} if on_cpu else {}
+        # Read when a graph compiles. On CPUs, cpp_wrapper saves the Python call overhead of ~150
+        # kernels per forward (AOTInductor's packages are C++ throughout).
         # Every segment of every CompiledConvNeXtV2 is one more graph of the one code object
-        # _Segment.forward; dynamo's default limits (8 per code object or region, 256 in all) would
+        # Segment.forward; dynamo's default limits (8 per code object or region, 256 in all) would
         # quietly run the rest eagerly.
-        with inductor_config.patch(freezing=True, cpp_wrapper=on_cpu, max_autotune=on_cpu and self.autotune,
-                                   max_autotune_gemm_backends="CPP,ATEN", autotune_num_choices_displayed=0,
-                                   max_autotune_report_choices_stats=False, **cpu_only), \
+        with inductor_config.patch(cpp_wrapper=on_cpu, **inductor_options(on_cpu, self.autotune)), \
                 torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT,
                                            accumulated_recompile_limit=4 * RECOMPILE_LIMIT):
             for first, last, size in self.plan(x):

@@ -21,6 +21,7 @@ from ..checkpoints.registry import get_checkpoint, label_names
 from ..models.convnextv2 import ConvNeXtV2
 from ..preprocessing.image_folder import default_transform
 from ..preprocessing.images import UNREADABLE_IMAGE_ERRORS, open_image
+from . import compiled_store
 
 if TYPE_CHECKING:
     from .compile_backend import CompiledConvNeXtV2
@@ -237,6 +238,8 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_SECONDS_PER_BLOCK = 2.5
 # The same estimate for the ONNX Runtime backend's export + session creation.
 ONNX_SECONDS_PER_BLOCK = 0.3
+# ... and for loading compiled graphs that an earlier process stored (inference.compiled_store).
+LOAD_SECONDS_PER_BLOCK = 0.05
 
 
 def cpu_has_native_bf16() -> bool:
@@ -300,8 +303,12 @@ class Predictor:
       into inductor's GEMMs, GRN's sum of squares runs in two steps, the downsampling convs as
       GEMMs, and each block's depthwise conv + LayerNorm as one C++ kernel of ours, built on first
       use (``inference.compile_backend.CompiledConvNeXtV2``, ``inference.cpp_kernel`` and their module docstrings).
-      Compiles on the first call (tens of seconds on a CPU) and once per new batch size;
-      ``predict`` pads a final partial batch to ``batch_size`` to avoid a recompile.
+      Compiles on the first call and once per new batch size (minutes on a CPU, in a child process);
+      ``predict`` pads a final partial batch to ``batch_size`` to avoid a recompile. On CPUs the
+      compiled graphs are stored (``inference.compiled_store``): a later process with the same weights,
+      batch size, precision and machine loads them in about a second, and ``auto`` switches to them
+      as soon as that pays. ``compile_store=False`` compiles in this process every time instead: in fp32
+      that graph runs ~15 % faster (MKL's packed GEMM, which AOTInductor's packages cannot hold).
     - ``"onnxruntime"``: the model exported to ONNX (fp32, verified against PyTorch, in memory) and run
       by ONNX Runtime on the CPU.
     - ``"auto"``: the fastest numerically safe path, without ever being slower than eager fp32 overall.
@@ -338,6 +345,7 @@ class Predictor:
         background: bool = True,
         autotune: bool = True,
         progress: Optional[Callable[[str], Any]] = None,
+        compile_store: bool = True,
     ) -> None:
         _check_options(backend, precision, batch_size)
         if isinstance(model_or_name, str):
@@ -394,10 +402,12 @@ class Predictor:
         self._stats: Dict[Tuple[int, bool], Dict[str, float]] = {}
         self.background = background
         self.autotune = autotune
+        self.compile_store = compile_store
         self._progress = progress
         # auto's slow starts in flight or done, per (batch size, pre_logits): the thread and its error, if any
         self._preparing: Dict[Tuple[int, bool], Tuple[threading.Thread, List[BaseException]]] = {}
         self._setup_lock = threading.Lock()
+        self._runner_lock = threading.Lock()
         if backend == "onnxruntime":
             self._ort = self._make_ort()
 
@@ -455,10 +465,11 @@ class Predictor:
             out.append(pred.topk)
         return out
 
-    def warmup(self, batch_size: Optional[int] = None, image_size: Optional[int] = None) -> None:
+    def warmup(self, batch_size: Optional[int] = None, image_size: Optional[int] = None, embed: bool = False) -> None:
         """Build the expensive-to-start path for ``batch_size`` (default: the predictor's) now: the
         compiled graph (``compile``, or ``auto`` where it compiles) or the ONNX session (``onnxruntime``,
-        or ``auto`` on fp32-only CPUs). ``auto`` then uses it from its first call of that size on."""
+        or ``auto`` on fp32-only CPUs). ``auto`` then uses it from its first call of that size on.
+        ``embed``: also the compiled graph that ends in the pooled features (``embed``)."""
         n = batch_size or self.batch_size
         size = image_size or (self.checkpoint.resolution if self.checkpoint is not None else 224)
         example = torch.zeros(n, 3, size, size)
@@ -466,9 +477,17 @@ class Predictor:
             return
         kind = "onnxruntime" if self.backend == "onnxruntime" else (
             "compile" if self.backend == "compile" else self._slow_start_kind())
-        self._prepare(kind, example)
-        if self.backend == "auto":
-            self._stats[(n, False)] = {"fp32_s": 0.0, "saved_s": 0.0, "switched": 1.0, "fp32_is_faster": 0.0}
+        for pre_logits in (False, True) if embed and kind == "compile" else (False,):
+            self._prepare(kind, example, pre_logits)
+            if self.backend == "auto":
+                self._stats[(n, pre_logits)] = {"fp32_s": 0.0, "saved_s": 0.0, "switched": 1.0,
+                                                "fp32_is_faster": 0.0}
+
+    @property
+    def compile_events(self) -> List[str]:
+        """What the compiled path did for each graph it prepared on the CPU, in order: ``"built"``
+        (compiled and stored) or ``"loaded"`` (from the store)."""
+        return [event for runner in self._compiled.values() for event in runner.store_events]
 
     @property
     def active_path(self) -> str:
@@ -536,28 +555,47 @@ class Predictor:
         with torch.inference_mode(), self._autocast():
             return self._compiled[pre_logits](self._prepare_input(x, self.channels_last)).float()
 
+    def _compiled_runner(self, pre_logits: bool) -> "CompiledConvNeXtV2":
+        with self._runner_lock:  # the serving thread may ask while a background one prepares
+            if pre_logits not in self._compiled:
+                from .compile_backend import CompiledConvNeXtV2
+
+                self._compiled[pre_logits] = CompiledConvNeXtV2(self._model, pre_logits=pre_logits,
+                                                                autotune=self.autotune, progress=self._say,
+                                                                in_process=not self.compile_store)
+            return self._compiled[pre_logits]
+
+    def is_compiled_stored(self, example: torch.Tensor, pre_logits: bool = False) -> bool:
+        """Whether the compiled graphs for ``example``'s shape are in the store (CPU), so that
+        compiling means loading them (``inference.compiled_store``)."""
+        if self.device.type != "cpu" or not self.compile_store:
+            return False
+        with torch.inference_mode(), self._autocast():
+            return self._compiled_runner(pre_logits).is_stored(self._prepare_input(example, self.channels_last))
+
     def _prepare(self, kind: str, example: torch.Tensor, pre_logits: bool = False) -> None:
         """Build the slow-start path ``kind`` for ``example``'s shape (any thread), saying so."""
         with self._setup_lock:
-            what = (f"compiling the model for batch {example.shape[0]} at {example.shape[-2]}x{example.shape[-1]} "
-                    f"({self.precision}; done once per batch size, the first time may take minutes on a CPU)"
-                    if kind == "compile" else "exporting the model to ONNX Runtime")
             if kind == "compile" and (tuple(example.shape), pre_logits) in self._compiled_shapes:
                 return
             if kind == "onnxruntime" and self._ort is not None:
                 return
+            if kind == "onnxruntime":
+                what = "exporting the model to ONNX Runtime"
+            elif self.is_compiled_stored(example, pre_logits):
+                what = f"loading the compiled model for batch {example.shape[0]} from {compiled_store.store_dir()}"
+            else:
+                where = (f"in a separate process, then stored in {compiled_store.store_dir()} for later processes"
+                         if self.device.type == "cpu" and self.compile_store else "in this process")
+                what = (f"compiling the model for batch {example.shape[0]} at {example.shape[-2]}x"
+                        f"{example.shape[-1]} ({self.precision}; may take minutes on a CPU) {where}")
             self._say(f"{what} ...")
             t0 = time.perf_counter()
             if kind == "onnxruntime":
                 self._ort = self._make_ort()
             else:
-                if pre_logits not in self._compiled:
-                    from .compile_backend import CompiledConvNeXtV2
-
-                    self._compiled[pre_logits] = CompiledConvNeXtV2(self._model, pre_logits=pre_logits,
-                                                                    autotune=self.autotune)
                 with torch.inference_mode(), self._autocast():
-                    self._compiled[pre_logits](self._prepare_input(example, self.channels_last))
+                    self._compiled_runner(pre_logits)(self._prepare_input(example, self.channels_last))
                 self._compiled_shapes.add((tuple(example.shape), pre_logits))
             self._say(f"{kind} ready after {time.perf_counter() - t0:.1f} s")
 
@@ -603,7 +641,8 @@ class Predictor:
             return self._run_compiled(x, pre_logits) if kind == "compile" else self._run_ort(x)
         # The ONNX graph ends in the logits: embeddings never switch to it.
         can_switch = kind == "compile" or not pre_logits
-        if can_switch and st["saved_s"] >= self._setup_estimate_s and self._slow_start_ready(kind, x, pre_logits):
+        if can_switch and st["saved_s"] >= self._switch_cost(kind, x, pre_logits) and \
+                self._slow_start_ready(kind, x, pre_logits):
             # The time saved so far pays for the start-up, and the start-up is done: switch.
             st["switched"] = 1.0
             return self._run_compiled(x, pre_logits) if kind == "compile" else self._run_ort(x)
@@ -619,6 +658,14 @@ class Predictor:
             st["fp32_is_faster"] = 1.0
         st["saved_s"] += st["fp32_s"] - elapsed
         return out
+
+    def _switch_cost(self, kind: str, x: torch.Tensor, pre_logits: bool) -> float:
+        """auto's start-up estimate for ``kind`` at ``x``'s batch size: small when the store already holds
+        the compiled graphs, which then only load."""
+        st = self._stats[(x.shape[0], pre_logits)]
+        if "stored" not in st:
+            st["stored"] = float(kind == "compile" and self.is_compiled_stored(x, pre_logits))
+        return LOAD_SECONDS_PER_BLOCK * sum(self._model.depths) if st["stored"] else self._setup_estimate_s
 
     def _slow_start_ready(self, kind: str, x: torch.Tensor, pre_logits: bool = False) -> bool:
         """Whether ``kind`` can serve ``x``'s batch size; starts preparing it (in a background thread

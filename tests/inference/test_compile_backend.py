@@ -1,4 +1,5 @@
-"""The compile backend's micro-batch plan, and its micro-batched segments against eager fp32."""
+"""The compile backend's micro-batch plan, its CPU forms against the modules, and the in-process graphs'
+guards (the compiled segments against eager fp32, through the store: test_compiled_store.py)."""
 import logging
 import shutil
 
@@ -38,28 +39,6 @@ def test_refuses_a_training_or_headless_model():
         CompiledConvNeXtV2(convnextv2("atto").train())
     with pytest.raises(ValueError, match="classifier head"):
         CompiledConvNeXtV2(convnextv2("atto", features_only=True).eval())
-
-
-def test_micro_batched_segments_match_eager_fp32():
-    torch.manual_seed(0)
-    # Atto's layout with one block per stage (two in stage 3): each compiled graph is a C++ build.
-    model = ConvNeXtV2(depths=(1, 1, 2, 1), dims=(40, 80, 160, 320), num_classes=10).eval()
-    with torch.no_grad():  # every parameter random: GRN's zero init would make it an identity
-        for p in model.parameters():
-            p.normal_(0, 0.1)
-    x = torch.randn(4, 3, 64, 64)
-    # 256 rows: stage 1 (16 x 16 positions) one image at a time, the other stages all four at once
-    runner = CompiledConvNeXtV2(model, rows=256, autotune=False)  # segments, not kernel choice, are tested
-    assert runner.plan(x) == [(0, 0, 1), (1, 3, 4)]
-    with torch.inference_mode():
-        ref = model(x)
-        out = runner(x.contiguous(memory_format=torch.channels_last))
-    assert out.shape == (4, 10)
-    assert (out - ref).abs().max() <= 1e-4
-    # Images are independent: each image's logits do not depend on its batch neighbours.
-    with torch.inference_mode():
-        alone = model(x[2:3])
-    assert (out[2:3] - alone).abs().max() <= 1e-4
 
 
 def test_poly_gelu_is_within_its_stated_error_of_the_exact_gelu():
@@ -154,7 +133,8 @@ def test_runners_of_equal_shape_keep_their_own_graphs_and_recompile_for_a_new_sh
     # runners of the same architecture and input shape must still each run the graph of their own
     # weights, and a new batch size must compile a new graph rather than reuse one of another shape.
     models = [_random_tiny_model(seed) for seed in (1, 2)]
-    runners = [CompiledConvNeXtV2(m, autotune=False) for m in models]  # guards, not kernel choice, are tested
+    # torch.compile in this process, as on GPUs (CPUs load AOTInductor packages: test_compiled_store.py)
+    runners = [CompiledConvNeXtV2(m, autotune=False, in_process=True) for m in models]
     x = torch.randn(3, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         for _ in range(2):  # the second round runs the cached graphs

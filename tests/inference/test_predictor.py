@@ -55,15 +55,13 @@ def _cosine(a, b):
     ("eager", None, "exact"),
     ("eager", "bf16", "bf16"),
     ("onnxruntime", None, "exact"),
-    ("compile", None, "bf16"),
 ])
 def test_backend_agrees_with_eager_and_model_is_unchanged(model, batch, backend, precision, bound):
     before = _snapshot(model)
     ref = _reference(model, batch)
-    # autotune off: the compiled graphs, not inductor's choice between GEMM kernels, are what is tested here
-    p = Predictor(model, backend=backend, precision=precision, batch_size=3, autotune=False)
-    # A second batch size is a second compile (tested in test_compile_backend.py): compile runs one.
-    for x in (batch,) if backend == "compile" else (batch, batch[:1]):
+    # The compile backend: test_compiled_store.py (Predictor) and test_compile_backend.py (the graphs).
+    p = Predictor(model, backend=backend, precision=precision, batch_size=3)
+    for x in (batch, batch[:1]):
         out = p(x)
         assert out.shape == (x.shape[0], 10) and out.dtype == torch.float32
         if bound == "exact" or p.precision == "fp32":
