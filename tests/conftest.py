@@ -286,6 +286,9 @@ class FaultyResponder:
     def __call__(self, handler: http.server.BaseHTTPRequestHandler, method: str) -> None:
         body = self._lookup(handler.path)
         mode = self.mode
+        # The next mode is set before this answer goes out: a test that fixes the server (mode = None) once
+        # it has seen the fault must not have its fix overwritten by this thread afterwards.
+        self._after_fault(method, mode)
         if body is None or (mode == "http_500" and method == "GET"):
             code = 404 if body is None else 500
             handler.send_response(code)
@@ -293,7 +296,6 @@ class FaultyResponder:
                 handler.send_header("X-Error-Code", "EntryNotFound")
             handler.send_header("Content-Length", "0")
             handler.end_headers()
-            self._after_fault(method, mode)
             return
         etag = self._etag(body)  # the real file's: what the Hub states for it
         if mode in ("wrong_body", "etag_mismatch"):
@@ -308,7 +310,6 @@ class FaultyResponder:
         handler.end_headers()
         if method == "GET":
             self._send_body(handler, body, mode)
-        self._after_fault(method, mode)
 
     def _after_fault(self, method: str, mode: str | None) -> None:
         if method == "GET" and mode is not None and self.next_mode is not None:
