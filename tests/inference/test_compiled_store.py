@@ -148,3 +148,19 @@ def test_the_key_tells_apart_everything_the_graphs_depend_on(one_thread):
     torch.set_num_threads(2)
     others.append(key(model, x))
     assert base not in others and len(set(others)) == len(others)
+
+
+def test_the_compile_command_lists_and_clears_the_store(built, tmp_path, monkeypatch, capsys):
+    from convnextv2_hub.cli.main import main
+
+    _, store, _ = built
+    copy = tmp_path / "compiled"
+    shutil.copytree(store, copy)
+    monkeypatch.setenv("CONVNEXTV2_HUB_COMPILED_DIR", str(copy))
+    assert main(["compile", "--list"]) == 0
+    listed = capsys.readouterr().out
+    [entry] = [d.name for d in copy.iterdir() if not d.name.startswith(".")]
+    assert "1 entries" in listed and entry in listed and f"input {BATCH}x3x{SIZE}x{SIZE}" in listed
+    assert "another torch or CPU" not in listed  # built here, usable here
+    assert main(["compile", "--clear"]) == 0
+    assert not copy.exists() and "removed" in capsys.readouterr().out
