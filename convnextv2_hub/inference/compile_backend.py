@@ -283,18 +283,20 @@ class CompiledConvNeXtV2:
             self._segments[key] = torch.compile(segment, dynamic=False, **lean_guards)
         return self._segments[key]
 
-    def _store_key(self, x: torch.Tensor) -> Dict[str, Any]:
-        """The store key of ``x``'s graphs; ``compile_worker`` rebuilds the segments from these fields."""
+    def _store_key(self, x: torch.Tensor, build_kernel: bool = True) -> Dict[str, Any]:
+        """The store key of ``x``'s graphs; ``compile_worker`` rebuilds the segments from these fields.
+        ``build_kernel=False``: a key without our C++ kernel where it is not built yet (an estimate)."""
         if self._weights is None:
             self._weights = compiled_store.weights_sha256(self.model)
         autocast = str(torch.get_autocast_dtype("cpu")).split(".")[-1] if torch.is_autocast_enabled("cpu") else None
         return compiled_store.entry_key(self.model, self._weights, x, plan=[list(p) for p in self.plan(x)],
                                         autocast=autocast, pre_logits=self.pre_logits, autotune=self.autotune,
-                                        native_kernel=cpp_kernel.load())
+                                        native_kernel=cpp_kernel.load(build=build_kernel))
 
     def is_stored(self, x: torch.Tensor) -> bool:
-        """Whether the store holds compiled graphs for inputs like ``x`` (under the current autocast)."""
-        return (compiled_store.entry_dir(self._store_key(x)) / compiled_store.MANIFEST).exists()
+        """Whether the store holds compiled graphs for inputs like ``x`` (under the current autocast).
+        Quick enough for a serving thread: it never builds our C++ kernel to answer."""
+        return (compiled_store.entry_dir(self._store_key(x, build_kernel=False)) / compiled_store.MANIFEST).exists()
 
     def _run_stored(self, x: torch.Tensor) -> torch.Tensor:
         autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None

@@ -46,7 +46,7 @@ def segments(model: nn.Module, key: Dict[str, Any]) -> List[Tuple[nn.Module, int
 
 def main(spec_path: str) -> None:
     model, key, folder = compiled_store.read_spec(spec_path)
-    torch.set_num_threads(key["threads"])  # inductor writes the thread count into the parallel loops
+    torch.set_num_threads(key["threads"])  # inductor blocks its GEMM kernels for the thread count
     compiled_store.build_entry(segments(model, key), key, folder, inductor_options(True, key["autotune"]),
                                say=lambda line: print(line, flush=True))
 

@@ -11,7 +11,7 @@ An entry is one folder per key: ``manifest.json`` and the packages, under
 ``$CONVNEXTV2_HUB_COMPILED_DIR`` (default ``~/.cache/convnextv2_hub/compiled``). Its name is the hash
 of the key, which holds everything the generated code depends on: the weights' sha256 and the model's
 structure, the input's shape and layout, the sources of the compiled forms, torch's version, the CPU's
-flags and the thread count (inductor writes it into the parallel loops), plus the caller's fields
+flags and the thread count (inductor's GEMM kernels are blocked for it), plus the caller's fields
 (segments, precision, options). An entry is written whole (a temporary folder renamed into place);
 one whose manifest does not match its key (stale), whose packages do not match their sha256
 (corrupt) or that fails to load is removed, said in a warning, and built again.

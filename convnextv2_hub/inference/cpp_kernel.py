@@ -73,9 +73,17 @@ def _library_path(command: List[str]) -> Path:
     return Path(root) / "convnextv2_hub" / f"dwconv7x7_layernorm-{key.hexdigest()[:16]}.so"
 
 
-def load() -> bool:
-    """Build (once, cached) and load the kernels; True when ``convnextv2_hub::dwconv7x7_layernorm`` can run."""
+def load(build: bool = True) -> bool:
+    """Build (once, cached) and load the kernels; True when ``convnextv2_hub::dwconv7x7_layernorm`` can run.
+    ``build=False``: False rather than build a library that is not in the cache yet (a question that must
+    not stall its caller), without deciding anything for later calls."""
     global _loaded
+    if _loaded is None and not build and os.environ.get("CONVNEXTV2_HUB_NATIVE", "1") != "0":
+        try:
+            if not _library_path(_compile_command()).exists():
+                return False
+        except (OSError, subprocess.CalledProcessError):
+            return False
     if _loaded is None:
         _loaded = False
         if os.environ.get("CONVNEXTV2_HUB_NATIVE", "1") != "0":

@@ -100,3 +100,11 @@ def test_the_build_is_cached_and_written_whole(tmp_path):
     subprocess.run([sys.executable, "-c", code], env=env, check=True)  # found in the cache, not rebuilt
     assert sorted((tmp_path / "convnextv2_hub").iterdir()) == built
     assert built[0].stat().st_mtime_ns == stamp
+
+
+def test_a_question_without_building_builds_nothing(tmp_path, monkeypatch):
+    # Predictor.is_compiled_stored asks on a serving thread: an unbuilt kernel is a "no", not a build.
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(cpp_kernel, "_loaded", None)
+    assert cpp_kernel.load(build=False) is False
+    assert cpp_kernel._loaded is None and not any(tmp_path.rglob("*.so"))  # nothing built, nothing decided
