@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Dict
 
 import torch
-from inference import cpu_name  # benchmarks/inference.py
+from inference import cpu_name, median_time  # benchmarks/inference.py
 
 
 def _model(name: str):
@@ -45,12 +45,7 @@ def _model(name: str):
 
 
 def _rate(run, x: torch.Tensor, rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        run(x)
-        times.append(time.perf_counter() - t0)
-    return x.shape[0] / sorted(times)[len(times) // 2]
+    return x.shape[0] / median_time(lambda: run(x), rounds, warmup=0)
 
 
 def child(args: argparse.Namespace) -> None:

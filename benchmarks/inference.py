@@ -31,7 +31,8 @@ import torch
 warnings.filterwarnings("ignore")
 
 
-def _median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones."""
     for _ in range(warmup):
         fn()
     times = []

@@ -48,11 +48,9 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
 
 def _list_store() -> int:
-    import torch
-
     from ..inference import compiled_store
 
-    here = {"torch": f"{torch.__version__} {torch.version.git_version}", "cpu": compiled_store.cpu_signature()}
+    here = {k: v for k, v in compiled_store.machine_key().items() if k in ("torch", "cpu")}
     rows = compiled_store.entries()
     print(f"{compiled_store.store_dir()}: {len(rows)} entries, "
           f"{sum(r['bytes'] for r in rows) / 1e6:.1f} MB")

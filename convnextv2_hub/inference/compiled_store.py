@@ -24,6 +24,7 @@ path makes the keys, the worker the modules to compile.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -76,6 +77,7 @@ def weights_sha256(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+@functools.lru_cache(maxsize=None)  # the code a process runs does not change while it runs
 def _sources_sha256() -> str:
     h = hashlib.sha256()
     for rel in _GRAPH_SOURCES:
@@ -86,6 +88,7 @@ def _sources_sha256() -> str:
     return h.hexdigest()
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_signature() -> str:
     """The machine's architecture and CPU flags (Linux), else its processor string; and torch's ISA level."""
     flags = ""
